@@ -1,0 +1,203 @@
+"""The `edgekd` command: one thin command per stage. Each parses, calls one library function, prints.
+
+Stages are imported inside their command so that `edgekd classify` (later) never pays for torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgekd import __version__
+from edgekd.errors import EdgekdError
+
+
+class _Group(click.Group):
+    """Turns the errors users can fix into one clear message and an exit code, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgekdError as exc:
+            click.secho(f"Error: {exc.message}", fg="red", err=True)
+            if exc.hint:
+                click.echo(f"  hint: {exc.hint}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgekd")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Train a teacher, distill a small student, and take it to an edge device."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(message)s" if verbose else "  %(message)s"))
+    logger = logging.getLogger("edgekd")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    ctx.obj = {"quiet": quiet}
+
+
+def _recipe_options(command):
+    command = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                           help="Override a recipe value (repeatable), e.g. --set train.epochs=5.")(command)
+    command = click.option("--resume", is_flag=True,
+                           help="Continue the newest run of this recipe from its last.pt.")(command)
+    command = click.option("--artifacts", type=click.Path(file_okay=False), default=None,
+                           help="Where runs live (default: $EDGEKD_ARTIFACTS or ./artifacts).")(command)
+    return click.argument("recipe", type=click.Path(dir_okay=False))(command)
+
+
+def _progress_callbacks(quiet: bool):
+    from edgekd.train.trainer import Callbacks
+
+    class Printer(Callbacks):
+        bar = None
+
+        def on_start(self, info: dict) -> None:
+            precision = info["precision"]
+            kind = "native" if precision["native"] else "simulated"
+            click.echo(f"run       {info['run_dir']} ({info['mode']})")
+            click.echo(f"device    {info['device']}, precision {precision['mode']} ({kind}), "
+                       f"{info['torch_threads']} torch threads")
+            click.echo(f"dataset   {info['dataset']}")
+            if info["skipped_images"]:
+                click.echo(f"skipped   {info['skipped_images']} unreadable image(s) (listed in summary.json)")
+            click.echo(f"model     {info['model']}: {info['parameters']:,} parameters")
+            if info["teacher"]:
+                click.echo(f"teacher   {info['teacher']}")
+            if info["resumed_from_epoch"] is not None:
+                click.echo(f"resuming  after epoch {info['resumed_from_epoch']}")
+
+        def on_epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+            if not quiet:
+                self.bar = click.progressbar(length=batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
+                                             item_show_func=lambda loss: f"loss {loss:.4f}" if loss else "")
+                self.bar.__enter__()
+
+        def on_batch(self, images: int, loss: float) -> None:
+            if self.bar is not None:
+                self.bar.update(1, loss)
+
+        def on_epoch_end(self, record: dict) -> None:
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+                self.bar = None
+            click.echo(f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  "
+                       f"val loss {record['val_loss']:.4f}  val acc {record['val_acc']:.2%}  "
+                       f"{record['seconds']:.1f}s  {record['images_per_s']:.0f} img/s")
+
+        def on_end(self, summary: dict) -> None:
+            click.echo(f"{summary['status']} after {summary['epochs_done']} epoch(s): best val acc "
+                       f"{summary['best_val_acc']:.2%} at epoch {summary['best_epoch']}")
+
+    return Printer()
+
+
+def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, quiet: bool) -> None:
+    from edgekd.recipe import load_recipe
+    from edgekd.runs import artifacts_root
+    from edgekd.train.trainer import run
+
+    recipe = load_recipe(recipe_path, overrides)
+    root = artifacts_root(artifacts)
+    try:
+        summary = run(recipe, mode, root, resume=resume, callbacks=_progress_callbacks(quiet))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; finished epochs are saved. Continue with: "
+                   f"edgekd {mode} {recipe_path} --resume", err=True)
+        sys.exit(130)
+    click.echo(f"saved     {root / summary['run']}/best.pt")
+
+
+@cli.command()
+@_recipe_options
+@click.pass_obj
+def train(obj, recipe, overrides, resume, artifacts) -> None:
+    """Train a model (a teacher) on a recipe's dataset with cross-entropy."""
+    _run_stage("train", recipe, overrides, resume, artifacts, obj["quiet"])
+
+
+@cli.command()
+@_recipe_options
+@click.pass_obj
+def distill(obj, recipe, overrides, resume, artifacts) -> None:
+    """Distill a student from the recipe's teacher: α·T²·KL + (1−α)·CE."""
+    _run_stage("distill", recipe, overrides, resume, artifacts, obj["quiet"])
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(), required=False)
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
+              help="Dataset root, if it moved since training (default: the one in the checkpoint's recipe).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--artifacts", type=click.Path(file_okay=False), default=None,
+              help="Where runs live, to find the newest one (default: $EDGEKD_ARTIFACTS or ./artifacts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json) -> None:
+    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split.
+
+    CHECKPOINT is a .pt file or a run folder (its best.pt); without it, the newest run under artifacts/.
+    The result is also written beside the checkpoint as eval_<split>.json.
+    """
+    from edgekd.evaluate import confusion_table, evaluate_checkpoint
+    from edgekd.runs import atomic_write_json
+    from edgekd.train.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint) if checkpoint else _newest_run(artifacts) / "best.pt"
+    result = evaluate_checkpoint(path, split, data_root, batch_size)
+    atomic_write_json(path.parent / f"eval_{split}.json", {"checkpoint": str(path), **result.to_dict()})
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{path}: {split} accuracy {result.accuracy:.2%} on {result.images} images "
+               f"(loss {result.loss:.4f})\n")
+    click.echo(confusion_table(result))
+    click.echo(f"\nwritten   {path.parent / f'eval_{split}.json'}")
+
+
+def _newest_run(artifacts) -> Path:
+    from edgekd.runs import artifacts_root, latest_run
+
+    root = artifacts_root(artifacts)
+    run_dir = latest_run(root)
+    if run_dir is None:
+        raise EdgekdError(f"no finished run under {root}/", hint="train one first, or name a checkpoint")
+    click.echo(f"using the newest run: {run_dir}", err=True)
+    return run_dir
+
+
+@cli.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override recipe values.")
+def summary(recipes, overrides) -> None:
+    """Parameters and multiply-accumulates of each recipe's model at its input size."""
+    from edgekd.models.summary import recipe_model_stats
+    from edgekd.recipe import load_recipe
+
+    rows = [recipe_model_stats(load_recipe(path, overrides)) for path in recipes]
+    header = f"{'recipe':<26} {'model':<10} {'arguments':<34} {'input':>7} {'classes':>7} {'parameters':>12} " \
+             f"{'MACs':>15}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for row in rows:
+        args = ", ".join(f"{k}={v}" for k, v in row["args"].items()) or "-"
+        click.echo(f"{row['recipe']:<26} {row['model']:<10} {args:<34} {row['image_size']:>5}px "
+                   f"{row['classes']:>7} {row['parameters']:>12,} {row['macs']:>15,}")
+
+
+def main() -> None:
+    cli(prog_name="edgekd")
+
+
+if __name__ == "__main__":
+    main()

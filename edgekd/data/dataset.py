@@ -1,0 +1,163 @@
+"""A prepared dataset: cached splits, the validation hold-out, class names and the train mean/std."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.data.cache import CachedSplit, cached_split, default_cache_root
+from edgekd.data.sources import dataset_class_names, has_split, limit_per_class, split_source
+from edgekd.errors import DataError
+from edgekd.recipe import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """Rows `rows` of a cached image array; several splits can share one cache (train and its hold-out)."""
+
+    name: str
+    images: np.ndarray  # the cache's whole (N, S, S, 3) uint8 array
+    labels: np.ndarray | None
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def row_labels(self) -> np.ndarray:
+        if self.labels is None:
+            raise DataError(f"the {self.name} split has no labels (its images are not in class folders)")
+        return self.labels[self.rows]
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Images and labels at `positions` (indices into this split), read in file order."""
+        rows = np.sort(self.rows[positions])
+        return self.images[rows], (self.labels[rows] if self.labels is not None else None)
+
+
+@dataclass
+class Dataset:
+    config: DataConfig
+    class_names: list[str]
+    splits: dict[str, Split]
+    skipped: dict[str, list[dict]] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    val_held_out: bool = False
+
+    @property
+    def root(self) -> str:
+        """Where the images came from (for Fashion-MNIST without data.root, Debian's folder)."""
+        if self.config.root:
+            return self.config.root
+        return str(Path(next(iter(self.origins.values()))).parent) if self.origins else "?"
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def describe(self) -> str:
+        kind = "Fashion-MNIST" if self.config.kind == "fashion-mnist" else "image folders"
+        sizes = ", ".join(f"{name} {len(split)}" for name, split in self.splits.items())
+        held = f" (val held out of train, {self.config.val_fraction:.0%})" if self.val_held_out else ""
+        return (f"{kind} at {self.root}: {len(self.class_names)} classes, {sizes} images{held}, "
+                f"{self.image_size}px")
+
+    def summary(self) -> dict:
+        return {"kind": self.config.kind, "root": self.root, "classes": self.class_names,
+                "image_size": self.image_size, "sizes": {k: len(v) for k, v in self.splits.items()},
+                "val_held_out": self.val_held_out,
+                "skipped_images": {k: len(v) for k, v in self.skipped.items()},
+                "skipped_files": {k: [s["id"] for s in v] for k, v in self.skipped.items() if v}}
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions kept for training and held out for validation: `fraction` of each class, seeded."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        count = int(round(fraction * len(rows)))
+        if len(rows) >= 2:
+            count = min(max(count, 1), len(rows) - 1)
+        else:
+            count = 0
+        held.append(rng.permutation(rows)[:count])
+    val = np.sort(np.concatenate(held))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def _cache_splits(config: DataConfig, wanted: set[str], class_names: list[str],
+                  workers: int) -> tuple[dict[str, CachedSplit], dict[str, str]]:
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    cached: dict[str, CachedSplit] = {}
+    origins: dict[str, str] = {}
+    for name in (s for s in SPLITS if s in wanted):
+        source = split_source(config, name, class_names)
+        if source is None:
+            continue
+        source = limit_per_class(source, config.max_per_class, config.split_seed)
+        origins[name] = source.origin
+        cached[name] = cached_split(source, config.image_size, cache_root, workers)
+        if not cached[name].ids:
+            raise DataError(f"no image in {source.origin} could be decoded",
+                            hint=f"see the skipped files in {cached[name].path / 'index.json'}")
+    return cached, origins
+
+
+def open_dataset(config: DataConfig, splits: tuple[str, ...] = ("train", "val"), workers: int = 0) -> Dataset:
+    """Decode (or reuse the cache of) the requested splits. A missing `val` is held out of train."""
+    class_names = dataset_class_names(config)
+    # Without a val folder, val is held out of train: then either one needs the train cache and the hold-out.
+    hold_out = not has_split(config, "val") and bool({"train", "val"} & set(splits))
+    cached, origins = _cache_splits(config, set(splits) | ({"train"} if hold_out else set()), class_names, workers)
+    dataset = Dataset(config, class_names, {}, {k: v.skipped for k, v in cached.items()}, origins)
+    for name, split in cached.items():
+        dataset.splits[name] = Split(name, split.images, split.labels, np.arange(len(split.ids)))
+    if hold_out:
+        train = dataset.splits["train"]
+        keep, held = stratified_holdout(train.labels, config.val_fraction, config.split_seed)
+        dataset.splits["train"] = Split("train", train.images, train.labels, keep)
+        dataset.splits["val"] = Split("val", train.images, train.labels, held)
+        dataset.val_held_out = True
+    missing = [s for s in splits if s not in dataset.splits]
+    if missing:
+        raise DataError(f"the dataset at {dataset.root} has no {' or '.join(missing)} split",
+                        hint="use --split val, or add the folder (e.g. test/<class>/*.jpg)")
+    dataset.splits = {name: split for name, split in dataset.splits.items() if name in splits}
+    _check_labels(dataset)
+    return dataset
+
+
+def _check_labels(dataset: Dataset) -> None:
+    train = dataset.splits.get("train")
+    if train is not None:
+        present = set(np.unique(train.row_labels).tolist())
+        absent = [n for i, n in enumerate(dataset.class_names) if i not in present]
+        if absent:
+            raise DataError(f"no readable training image for class(es) {', '.join(absent)}",
+                            hint="every class needs training images")
+
+
+def channel_stats(split: Split, chunk: int = 512) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of a split's pixels, in [0, 1] units (computed in float64, chunked)."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for start in range(0, len(split), chunk):
+        pixels, _ = split.take(np.arange(start, min(start + chunk, len(split))))
+        x = pixels.reshape(-1, 3).astype(np.float64) / 255.0
+        total += x.sum(0)
+        total_sq += np.square(x).sum(0)
+        count += len(x)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    std = np.where(std < 1e-6, 1.0, std)  # a constant channel: leave it unscaled rather than divide by 0
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -1,0 +1,244 @@
+"""Where images come from: ImageFolder trees (plain, Kaggle's Intel, seed 001's) and Fashion-MNIST IDX files.
+
+A source lists a split's images and labels without decoding them; `cache.py` decodes each once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.errors import DataError
+from edgekd.recipe import DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+SPLIT_DIR_NAMES = {
+    "train": ("train", "seg_train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "seg_test", "testing"),
+}
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+INTEL_HINT = ("for Intel Image Classification, download it from "
+              "https://www.kaggle.com/datasets/puneet6060/intel-image-classification, unzip it and point "
+              "data.root at the folder holding seg_train/ and seg_test/ (--set data.root=PATH)")
+
+
+@dataclass
+class SplitSource:
+    """One split, listed but not decoded. Exactly one of `paths` (files) or `pixels` (arrays) is set."""
+
+    name: str
+    labels: np.ndarray | None  # None: an unlabeled split (images straight in the folder)
+    paths: list[Path] | None = None
+    pixels: np.ndarray | None = None  # (N, H, W, 3) uint8 at native size
+    origin: str = ""  # the folder or files it came from, for messages
+    fingerprint: str = field(default="", repr=False)  # changes whenever the listed inputs change
+
+    def __len__(self) -> int:
+        return len(self.paths) if self.paths is not None else len(self.pixels)
+
+    def ids(self) -> list[str]:
+        return [str(p) for p in self.paths] if self.paths is not None else [f"#{i}" for i in range(len(self))]
+
+
+def digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+# ----- ImageFolder trees -------------------------------------------------------------------------------
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _unnest(folder: Path) -> Path:
+    """Kaggle zips nest a folder in itself (seg_train/seg_train); step into such a single twin."""
+    while True:
+        children = [c for c in folder.iterdir() if not c.name.startswith(".")]
+        if len(children) == 1 and children[0].is_dir() and children[0].name == folder.name:
+            folder = children[0]
+        else:
+            return folder
+
+
+def _find_split_dir(root: Path, split: str, explicit: str | None) -> Path | None:
+    if explicit:
+        folder = Path(explicit) if Path(explicit).is_absolute() else root / explicit
+        if not folder.is_dir():
+            raise DataError(f"data.{split}_dir: {folder} is not a folder")
+        return _unnest(folder)
+    for name in SPLIT_DIR_NAMES[split]:
+        if (root / name).is_dir():
+            return _unnest(root / name)
+    return None
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(c for c in folder.iterdir() if c.is_dir() and not c.name.startswith("."))
+
+
+def find_split_dirs(config: DataConfig) -> dict[str, Path | None]:
+    """Locate train/val/test folders under data.root, or fail saying what layout was expected."""
+    if not config.root:
+        raise DataError("data.root is not set", hint=f"point it at an ImageFolder dataset; {INTEL_HINT}")
+    root = Path(config.root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist", hint=INTEL_HINT)
+    dirs = {split: _find_split_dir(root, split, getattr(config, f"{split}_dir")) for split in SPLIT_DIR_NAMES}
+    if dirs["train"] is None:
+        if _class_dirs(root) and not any(d for d in dirs.values()):
+            dirs["train"] = root  # a plain ImageFolder: class folders straight under root
+        else:
+            raise DataError(
+                f"no training folder in {root}: expected {root}/train/<class>/*.jpg (optional val/ and test/), "
+                f"or Kaggle's seg_train/seg_train/<class>/*.jpg", hint=INTEL_HINT)
+    return dirs
+
+
+def folder_class_names(train_dir: Path) -> list[str]:
+    classes = [c.name for c in _class_dirs(train_dir)]
+    if not classes:
+        raise DataError(f"{train_dir} holds no class folders: expected {train_dir}/<class>/<image files>",
+                        hint=INTEL_HINT)
+    return classes
+
+
+def _list_labeled(folder: Path, class_names: list[str], split: str) -> tuple[list[Path], np.ndarray]:
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [c.name for c in _class_dirs(folder) if c.name not in index]
+    if unknown:
+        raise DataError(f"{folder}: class folder(s) {', '.join(unknown)} are not training classes "
+                        f"({', '.join(class_names)})")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name in class_names:
+        class_dir = folder / name
+        files = sorted(p for p in class_dir.iterdir() if _is_image(p)) if class_dir.is_dir() else []
+        if not files and split == "train":
+            raise DataError(f"class folder {class_dir} holds no images",
+                            hint=f"add images or remove the folder; image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")
+        paths += files
+        labels += [index[name]] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _files_fingerprint(paths: list[Path], labels: np.ndarray | None) -> str:
+    stats = []
+    for p in paths:
+        st = p.stat()
+        stats.append((str(p), st.st_size, st.st_mtime_ns))
+    return digest(stats, None if labels is None else labels.tolist())
+
+
+def folder_split(folder: Path, split: str, class_names: list[str]) -> SplitSource:
+    if _class_dirs(folder):
+        paths, labels = _list_labeled(folder, class_names, split)
+    else:  # seed 001's test folder: images without class folders
+        paths, labels = sorted(p for p in folder.iterdir() if _is_image(p)), None
+    if not paths:
+        raise DataError(f"{folder} holds no images", hint=f"expected {folder}/<class>/*.jpg")
+    return SplitSource(split, labels, paths=paths, origin=str(folder),
+                       fingerprint=_files_fingerprint(paths, labels))
+
+
+# ----- Fashion-MNIST ------------------------------------------------------------------------------------
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) of unsigned bytes as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc})") from exc
+    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) - offset != int(np.prod(dims)):
+        raise DataError(f"{path}: holds {len(raw) - offset} bytes of data, its header promises {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def fashion_mnist_split(root: Path, split: str) -> SplitSource:
+    image_file, label_file = (root / name for name in FASHION_MNIST_FILES[split])
+    for f in (image_file, label_file):
+        if not f.is_file():
+            raise DataError(
+                f"Fashion-MNIST file {f} is missing",
+                hint="install Debian's package: sudo apt-get install dataset-fashion-mnist (it puts the four "
+                     f"IDX files in {FASHION_MNIST_DIR}), or point data.root at a folder holding them")
+    gray = read_idx(image_file)
+    labels = read_idx(label_file).astype(np.int64)
+    if gray.ndim != 3 or len(gray) != len(labels):
+        raise DataError(f"{image_file}: {gray.shape[0]} images but {len(labels)} labels")
+    pixels = np.repeat(gray[..., None], 3, axis=3)  # grayscale → 3 equal channels
+    fingerprint = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in (image_file, label_file)])
+    return SplitSource(split, labels, pixels=pixels, origin=str(image_file), fingerprint=fingerprint)
+
+
+# ----- one entry point ----------------------------------------------------------------------------------
+
+def dataset_class_names(config: DataConfig) -> list[str]:
+    """Class names in label order, without decoding any image."""
+    if config.kind == "fashion-mnist":
+        found = FASHION_MNIST_CLASSES
+    else:
+        found = folder_class_names(find_split_dirs(config)["train"])
+    if config.classes is not None and sorted(config.classes) != sorted(found):
+        missing = sorted(set(config.classes) - set(found))
+        extra = sorted(set(found) - set(config.classes))
+        raise DataError(f"data.classes does not match the dataset: missing {missing or 'none'}, "
+                        f"not listed {extra or 'none'}", hint="fix data.classes or data.root")
+    return list(config.classes) if config.classes is not None else list(found)
+
+
+def has_split(config: DataConfig, split: str) -> bool:
+    """Whether the dataset has its own folder (or files) for `split`, without listing any image."""
+    if config.kind == "fashion-mnist":
+        return split in FASHION_MNIST_FILES
+    return find_split_dirs(config)[split] is not None
+
+
+def split_source(config: DataConfig, split: str, class_names: list[str]) -> SplitSource | None:
+    """The split's images as listed on disk, or None when the dataset has no such split."""
+    if config.kind == "fashion-mnist":
+        root = Path(config.root or FASHION_MNIST_DIR)
+        return fashion_mnist_split(root, split) if split in FASHION_MNIST_FILES else None
+    folder = find_split_dirs(config)[split]
+    return folder_split(folder, split, class_names) if folder is not None else None
+
+
+def limit_per_class(source: SplitSource, limit: int | None, seed: int) -> SplitSource:
+    """A seeded subset of at most `limit` images per class, in the source's order."""
+    if limit is None or source.labels is None:
+        return source
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(source.labels):
+        rows = np.flatnonzero(source.labels == label)
+        keep.append(np.sort(rng.permutation(rows)[:limit]) if len(rows) > limit else rows)
+    rows = np.sort(np.concatenate(keep))
+    if len(rows) == len(source):
+        return source
+    return SplitSource(
+        source.name, source.labels[rows],
+        paths=[source.paths[i] for i in rows] if source.paths is not None else None,
+        pixels=source.pixels[rows] if source.pixels is not None else None,
+        origin=source.origin, fingerprint=digest(source.fingerprint, "subset", rows.tolist()))

@@ -1,0 +1,95 @@
+"""`edgekd evaluate`: accuracy, per-class accuracy and the confusion matrix of a checkpoint on a split."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgekd.data import Split, open_dataset
+from edgekd.errors import DataError
+from edgekd.recipe import recipe_from_dict
+from edgekd.train.batches import iter_batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    split: str
+    images: int
+    loss: float
+    accuracy: float
+    class_names: list[str]
+    per_class_accuracy: list[float | None]  # None for a class with no image in the split
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, batch_size: int, device: torch.device):
+    """Logits (N, C) float32 and labels (N,) for a split, in split order."""
+    model.eval()
+    logits, labels = [], []
+    for pixels, y in iter_batches(split, batch_size):
+        logits.append(model(pixels.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], split: str) -> Evaluation:
+    num_classes = len(class_names)
+    predicted = logits.argmax(1)
+    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2)
+    confusion = confusion.view(num_classes, num_classes)
+    support = confusion.sum(1)
+    per_class = [float(confusion[i, i] / support[i]) if support[i] else None for i in range(num_classes)]
+    return Evaluation(split, len(labels), float(F.cross_entropy(logits, labels)),
+                      float((predicted == labels).float().mean()), list(class_names), per_class,
+                      confusion.tolist())
+
+
+def evaluate_model(model: torch.nn.Module, split: Split, class_names: list[str], batch_size: int,
+                   device: torch.device) -> Evaluation:
+    logits, labels = predict(model, split, batch_size, device)
+    return summarize(logits, labels, class_names, split.name)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: str | None = None,
+                        batch_size: int | None = None, device: str = "cpu") -> Evaluation:
+    """Rebuild the model from its checkpoint and the dataset from the recipe stored inside it."""
+    from edgekd.train.checkpoint import load_model
+
+    model, payload = load_model(checkpoint, device)
+    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
+    if data_root:
+        recipe.data.root = str(Path(data_root).expanduser().absolute())
+    dataset = open_dataset(recipe.data, splits=(split,), workers=recipe.train.workers)
+    if dataset.class_names != payload["class_names"]:
+        raise DataError(f"the dataset's classes {dataset.class_names} differ from the checkpoint's "
+                        f"{payload['class_names']}", hint="point --data at the dataset the model was trained on")
+    data_split = dataset.splits[split]
+    if data_split.labels is None:
+        raise DataError(f"the {split} split has no labels (its images are not in class folders)",
+                        hint="evaluate on --split val, or use `edgekd classify` for unlabeled images")
+    result = evaluate_model(model, data_split, payload["class_names"], batch_size or recipe.train.batch_size,
+                            torch.device(device))
+    log.info("%s: %s accuracy %.4f on %d images", payload["path"], split, result.accuracy, result.images)
+    return result
+
+
+def confusion_table(result: Evaluation) -> str:
+    names = [n[:10] for n in result.class_names]
+    width = max(6, *(len(n) for n in names)) + 1
+    lines = ["true \\ pred".ljust(width) + "".join(n.rjust(width) for n in names) + "  accuracy".rjust(11)]
+    for name, row, acc in zip(names, result.confusion, result.per_class_accuracy):
+        shown = f"{acc:.2%}" if acc is not None else "-"
+        lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row) + shown.rjust(11))
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Typed recipes: YAML → dataclasses, validated once, before any work starts.
+
+Every key is checked against the schema below (and the model's builder signature for model arguments):
+an unknown key names the closest valid one, a bad value names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgekd.errors import RecipeError
+
+PRECISIONS = ("fp32",)
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _check(predicate, requirement: str) -> dict:
+    return {"check": (predicate, requirement)}
+
+
+_POSITIVE = _check(lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    kind: str = field(default="folder", metadata=_choices("folder", "fashion-mnist"))
+    # Dataset root. Relative paths are taken from the current directory.
+    root: str | None = None
+    # Split folders inside root; found automatically when not given (train/, seg_train/seg_train/, ...).
+    train_dir: str | None = None
+    val_dir: str | None = None
+    test_dir: str | None = None
+    # Class names in label order. Optional: when given, the dataset must hold exactly these classes.
+    classes: list[str] | None = None
+    image_size: int = field(default=150, metadata=_check(lambda v: v >= 8, "must be >= 8"))
+    # Held out of train (stratified, seeded by split_seed) when the dataset has no validation folder.
+    val_fraction: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    split_seed: int = 0
+    # Use at most this many images per class from each split (a seeded subset), for quick runs.
+    max_per_class: int | None = field(default=None, metadata=_POSITIVE)
+    # Where decoded images are cached; default $EDGEKD_CACHE or ~/.cache/edgekd.
+    cache_dir: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "paper_cnn"
+    # A local weights file (torchvision format for resnets); edgekd never downloads weights.
+    pretrained: str | None = None
+    freeze: str = field(default="none", metadata=_choices("none", "backbone"))
+    # Keyword arguments of the model's builder, written flat in the YAML (blocks: 8, classifier: [128]).
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    # A teacher checkpoint (best.pt), or the teacher's recipe whose latest run produced one.
+    checkpoint: str | None = None
+    recipe: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = field(default="adam", metadata=_choices("adam", "adamw", "sgd"))
+    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    momentum: float = field(default=0.9, metadata=_NON_NEGATIVE)
+    batch_size: int = field(default=224, metadata=_POSITIVE)
+    epochs: int = field(default=30, metadata=_POSITIVE)
+    scheduler: str = field(default="none", metadata=_choices("none", "step"))
+    step_size: int = field(default=10, metadata=_POSITIVE)
+    gamma: float = field(default=0.1, metadata=_POSITIVE)
+    # Early stopping on validation accuracy; null trains every epoch.
+    patience: int | None = field(default=3, metadata=_POSITIVE)
+    seed: int = 0
+    # Processes that decode images when the cache is first built (0: the main process).
+    workers: int = field(default=0, metadata=_NON_NEGATIVE)
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = field(default=4.0, metadata=_POSITIVE)
+    # Weight of the KD term; 1.0 is seed 000's pure KL, seed 001 uses 0.25.
+    alpha: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    precision: str = field(default="fp32", metadata=_choices(*PRECISIONS))
+    # The file it was loaded from (not a key).
+    source: str | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe as plain data, in the same shape as the YAML it came from."""
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        model = out["model"]
+        model.update(model.pop("args"))
+        return out
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "teacher": TeacherConfig, "train": TrainConfig,
+            "distill": DistillConfig}
+TOP_LEVEL = ("name", "description", "precision", *SECTIONS)
+# Spellings users reach for, mapped to the schema's names.
+ALIASES = {("distill", "T"): "temperature", ("train", "learning_rate"): "lr"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides and validate everything once."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist",
+                          hint="pass a YAML recipe, for example recipes/quickstart_teacher.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (data:, model:, train:, ...)")
+    raw.setdefault("name", path.stem)
+    apply_overrides(raw, overrides)
+    recipe = recipe_from_dict(raw, origin=str(path))
+    recipe.source = str(path.resolve())
+    _resolve_paths(recipe, path.parent)
+    return recipe
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> None:
+    """Apply `--set section.key=value` strings to the raw mapping (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. --set train.epochs=5")
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def recipe_from_dict(raw: dict, origin: str = "recipe") -> Recipe:
+    _reject_unknown(raw, TOP_LEVEL, origin, "")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            parse = _model_from_mapping if key == "model" else _section_from_mapping
+            kwargs[key] = parse(SECTIONS[key], value, f"{origin}: {key}")
+    hints = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        if f.name in raw and f.name not in SECTIONS:
+            kwargs[f.name] = _validate(raw[f.name], hints[f.name], f.metadata, f"{origin}: {f.name}")
+    if not _NAME_RE.match(str(kwargs.get("name", ""))):
+        raise RecipeError(f"{origin}: name {kwargs.get('name')!r} must be letters, digits, '.', '_' or '-'")
+    recipe = Recipe(**kwargs)
+    _check_model_builds(recipe, origin)
+    return recipe
+
+
+def _section_from_mapping(cls, raw: Any, where: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping of keys, got {raw!r}")
+    section = where.rsplit(": ", 1)[-1]
+    raw = {ALIASES.get((section, k), k): v for k, v in raw.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(raw, list(fields), where, f"{section}.")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _validate(v, hints[k], fields[k].metadata, f"{where}.{k}") for k, v in raw.items()})
+
+
+def _model_from_mapping(cls, raw: Any, where: str) -> ModelConfig:
+    from edgekd.models import builder_params, model_names
+
+    raw = dict(raw or {})
+    own = {k: raw.pop(k) for k in ("name", "pretrained", "freeze") if k in raw}
+    config = _section_from_mapping(cls, own, where)
+    if config.name not in model_names():
+        raise RecipeError(f"{where}.name: unknown model {config.name!r}{_suggest(config.name, model_names())}",
+                          hint=f"valid models: {', '.join(model_names())}")
+    params = builder_params(config.name)
+    _reject_unknown(raw, [*params, "name", "pretrained", "freeze"], where, "model.")
+    config.args = {k: _validate(v, params[k], {}, f"{where}.{k}") for k, v in raw.items()}
+    return config
+
+
+def _check_model_builds(recipe: Recipe, origin: str) -> None:
+    """Build the model on the meta device so bad builder arguments fail now, not mid-run."""
+    from edgekd.models import check_model_args
+
+    num_classes = len(recipe.data.classes) if recipe.data.classes else 2
+    try:
+        check_model_args(recipe.model.name, num_classes, recipe.model.args)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{origin}: model: {exc}") from exc
+
+
+def _reject_unknown(raw: dict, valid: typing.Sequence[str], where: str, prefix: str) -> None:
+    for key in raw:
+        if key not in valid:
+            raise RecipeError(f"{where}: unknown key {prefix}{key}{_suggest(str(key), valid, prefix)}",
+                              hint=f"valid keys here: {', '.join(valid)}")
+
+
+def _suggest(word: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _validate(value: Any, hint: Any, metadata: typing.Mapping, where: str) -> Any:
+    value = _coerce(value, hint, where)
+    if value is None:
+        return None
+    choices = metadata.get("choices")
+    if choices and value not in choices:
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(choices)}"
+                          f"{_suggest(str(value), choices)}")
+    if "check" in metadata:
+        predicate, requirement = metadata["check"]
+        if not predicate(value):
+            raise RecipeError(f"{where}: {value!r} {requirement}")
+    return value
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if hint is Any:
+        return value
+    if hint is float:
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept it as the number the user meant.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeError(f"{where}: expected a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{where}: expected a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _resolve_paths(recipe: Recipe, recipe_dir: Path) -> None:
+    """Make paths absolute: relative to the current directory (teacher.recipe also beside the recipe)."""
+    data, teacher, model = recipe.data, recipe.teacher, recipe.model
+    for obj, attr in ((data, "root"), (data, "cache_dir"), (teacher, "checkpoint"), (model, "pretrained")):
+        value = getattr(obj, attr)
+        if value:
+            setattr(obj, attr, os.path.abspath(Path(value).expanduser()))
+    if teacher.recipe:
+        candidate = Path(teacher.recipe).expanduser()
+        if not candidate.is_absolute() and not candidate.exists() and (recipe_dir / candidate).exists():
+            candidate = recipe_dir / candidate
+        teacher.recipe = os.path.abspath(candidate)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,134 @@
+"""Run folders under artifacts/, the latest-run lookup, atomic writes and the metrics.jsonl log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+ARTIFACTS_ENV = "EDGEKD_ARTIFACTS"
+
+
+def artifacts_root(explicit: str | Path | None = None) -> Path:
+    return Path(explicit or os.environ.get(ARTIFACTS_ENV) or "artifacts")
+
+
+# ----- atomic writes ------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# ----- run folders --------------------------------------------------------------------------------------
+
+def _numbered(root: Path, name: str) -> list[tuple[int, Path]]:
+    pattern = re.compile(rf"^{re.escape(name)}(?:-(\d+))?$")
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = pattern.match(child.name)
+            if match and child.is_dir():
+                found.append((int(match.group(1) or 1), child))
+    return sorted(found)
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """artifacts/<name>, or <name>-2, -3, ... when earlier runs exist (never overwrite a run)."""
+    existing = _numbered(root, name)
+    number = existing[-1][0] + 1 if existing else 1
+    run_dir = root / (name if number == 1 else f"{name}-{number}")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def latest_run_dir(root: Path, name: str, needs: str | None = None) -> Path | None:
+    """The newest run of recipe `name` (optionally only runs holding file `needs`)."""
+    for _, run_dir in reversed(_numbered(root, name)):
+        if needs is None or (run_dir / needs).is_file():
+            return run_dir
+    return None
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def latest_run(root: Path, mode: str | None = None, needs: str = "best.pt") -> Path | None:
+    """The most recently updated run under `root` (optionally of a mode: train or distill)."""
+    candidates = []
+    if root.is_dir():
+        for run_dir in root.iterdir():
+            summary = read_summary(run_dir) if run_dir.is_dir() else {}
+            if summary and (run_dir / needs).is_file() and (mode is None or summary.get("mode") == mode):
+                candidates.append((summary.get("updated", ""), run_dir.stat().st_mtime, run_dir))
+    return max(candidates)[2] if candidates else None
+
+
+# ----- metrics.jsonl ------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """One JSON line per finished epoch, appended and fsynced; a torn last line is dropped on read."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break  # a line torn by a crash: it and anything after it never finished
+        return records
+
+    def truncate_to_epoch(self, epoch: int) -> list[dict]:
+        """Keep the records of epochs 1..epoch (those the checkpoint holds); rewrite atomically."""
+        kept = [r for r in self.read() if r.get("epoch", 0) <= epoch]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+

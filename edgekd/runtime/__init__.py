@@ -1,0 +1,1 @@
+"""Torch-free code a device needs: image decoding and preprocessing, onnxruntime sessions."""

@@ -1,0 +1,65 @@
+"""The one preprocessing truth, in numpy and Pillow: decode → RGB → resize → (normalise).
+
+Training caches images through `load_rgb`, and every later stage (export checks, validate, classify)
+uses the same functions, so a model never sees pixels prepared differently from the ones it learnt on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+RESIZE_METHOD = "bilinear"  # Pillow's bilinear resize (antialiased when shrinking), straight to S×S
+
+
+class ImageDecodeError(ValueError):
+    """A file that is not a readable image."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode (L, LA, P, RGBA, CMYK, I;16, I, F) to 8-bit RGB; transparency over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode a whole file (so truncation is caught here), apply EXIF orientation, return RGB."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"not a readable image ({exc.__class__.__name__}: {exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image ({exc})") from exc
+
+
+def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
+    """An RGB image as a (size, size, 3) uint8 array."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_rgb(path: str | Path, size: int) -> np.ndarray:
+    return resize_rgb(open_image(path), size)
+
+
+def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, (x/255 − mean)/std per channel."""
+    x = pixels.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255)
+    m = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return (x - m) / s

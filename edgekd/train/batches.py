@@ -1,0 +1,40 @@
+"""Batches straight from the decode-once cache: uint8 NCHW tensors, shuffled by a per-epoch seed.
+
+The shuffle order depends only on (seed, epoch), so a resumed run sees exactly the batches an
+uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from edgekd.data import Split
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).numpy()
+
+
+def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    return -(-n // batch_size)
+
+
+def iter_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (pixels uint8 (B, 3, S, S) channels-last, labels int64 or None).
+
+    With drop_last, a final partial batch is dropped (BatchNorm cannot train on a single sample), unless
+    the split is smaller than one batch.
+    """
+    n = len(split)
+    order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
+    for b in range(batch_count(n, batch_size, drop_last)):
+        pixels, labels = split.take(order[b * batch_size:(b + 1) * batch_size])
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)  # NHWC memory = channels_last
+        yield x, (torch.from_numpy(labels) if labels is not None else None)

@@ -1,0 +1,80 @@
+"""Checkpoints that rebuild their model alone: model name and arguments, classes, preprocessing, recipe."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgekd
+from edgekd.errors import CheckpointError
+from edgekd.models import Classifier, create_model
+from edgekd.runs import atomic_write
+
+FORMAT = "edgekd.checkpoint"
+FORMAT_VERSION = 1
+
+
+def describe_model(name: str, args: dict, class_names: list[str], image_size: int,
+                   mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """The part of a checkpoint that rebuilds the model and its preprocessing."""
+    from edgekd.runtime.preprocess import RESIZE_METHOD
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "edgekd_version": edgekd.__version__,
+            "model": {"name": name, "args": dict(args)}, "class_names": list(class_names),
+            "image_size": image_size, "mean": list(mean), "std": list(std), "resize": RESIZE_METHOD,
+            "input": "RGB pixels 0-255, NCHW; normalisation is inside the model"}
+
+
+def build_model(meta: dict) -> Classifier:
+    net = create_model(meta["model"]["name"], len(meta["class_names"]), **meta["model"]["args"])
+    return Classifier(net, tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (→ its best.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist",
+                              hint="pass a run folder under artifacts/ or its best.pt / last.pt")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or foreign file raises anything from pickle, zipfile or torch
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an edgekd checkpoint (no '{FORMAT}' format marker)",
+                              hint="edgekd reads the best.pt / last.pt files written by `edgekd train|distill`")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer edgekd ({payload.get('edgekd_version')})",
+                              hint="upgrade edgekd")
+    payload["path"] = str(path)
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model from the checkpoint alone (no recipe file needed), in eval mode."""
+    payload = read_checkpoint(path)
+    model = build_model(payload)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), payload
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

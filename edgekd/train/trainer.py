@@ -1,0 +1,349 @@
+"""The one stateful loop: train a teacher with cross-entropy, or distill a student from a teacher.
+
+Each finished epoch appends a line to metrics.jsonl, then writes best.pt (when validation accuracy
+improved) and last.pt, each atomically. last.pt carries the optimizer, scheduler, RNG and early-stopping
+state, so `--resume` continues with the next epoch exactly as an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekd.data import Dataset, channel_stats, open_dataset
+from edgekd.errors import CheckpointError, EdgekdError, RecipeError
+from edgekd.evaluate import evaluate_model
+from edgekd.models import Classifier, create_model, freeze_backbone, load_pretrained, set_train_mode
+from edgekd.models.summary import count_parameters
+from edgekd.recipe import Recipe, dump_recipe, load_recipe
+from edgekd.runs import MetricsLog, atomic_write_json, atomic_write_text, latest_run_dir, new_run_dir
+from edgekd.train.batches import batch_count, iter_batches
+from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
+from edgekd.train.losses import ce_loss, kd_loss
+
+log = logging.getLogger(__name__)
+
+
+class Callbacks:
+    """What the loop reports as it runs; the CLI draws progress bars from these, the default logs."""
+
+    def on_start(self, info: dict) -> None:
+        log.info("run %s: %s", info["run_dir"], info)
+
+    def on_epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
+        pass
+
+    def on_batch(self, images: int, loss: float) -> None:
+        pass
+
+    def on_epoch_end(self, record: dict) -> None:
+        log.info("epoch %d: %s", record["epoch"], record)
+
+    def on_end(self, summary: dict) -> None:
+        log.info("run finished: %s", summary["status"])
+
+
+@dataclass
+class EarlyStopping:
+    patience: int | None
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, acc: float) -> bool:
+        """Record an epoch; True when it is the best so far."""
+        if acc > self.best_acc:
+            self.best_acc, self.best_epoch, self.bad_epochs = acc, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is cuda but PyTorch sees no CUDA device",
+                          hint="set train.device=auto (uses CUDA when present, else CPU)")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def resolve_teacher(recipe: Recipe, artifacts: Path) -> Path:
+    """The teacher checkpoint a distillation recipe names (directly, or via the teacher's recipe)."""
+    teacher = recipe.teacher
+    if teacher.checkpoint:
+        path = Path(teacher.checkpoint).absolute()
+        path = path / "best.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise CheckpointError(f"teacher.checkpoint {path} does not exist",
+                                  hint="train the teacher first (`edgekd train <teacher recipe>`)")
+        return path
+    if teacher.recipe:
+        teacher_name = load_recipe(teacher.recipe).name
+        run_dir = latest_run_dir(artifacts, teacher_name, needs="best.pt")
+        if run_dir is None:
+            raise CheckpointError(f"no finished run of the teacher recipe {teacher.recipe} under {artifacts}/",
+                                  hint=f"run `edgekd train {teacher.recipe}` first, or set teacher.checkpoint")
+        return (run_dir / "best.pt").absolute()
+    raise RecipeError(f"{recipe.source}: distillation needs a teacher: set teacher.checkpoint or teacher.recipe")
+
+
+def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    cfg = recipe.train
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
+    if recipe.train.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, recipe.train.step_size, recipe.train.gamma)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, mode: str, run_dir: Path, dataset: Dataset, device: torch.device,
+                 teacher: tuple[Classifier, dict] | None, callbacks: Callbacks):
+        self.recipe, self.mode, self.run_dir, self.dataset = recipe, mode, run_dir, dataset
+        self.device, self.callbacks = device, callbacks
+        self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.stopper = EarlyStopping(recipe.train.patience)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.started = _now()
+        self.frozen = recipe.model.freeze == "backbone"
+        self.precision = {"mode": recipe.precision, "native": True}
+
+    # ----- set-up -------------------------------------------------------------------------------------
+
+    def build(self, mean: tuple[float, ...], std: tuple[float, ...], pretrained: bool) -> None:
+        cfg = self.recipe.model
+        seed_everything(self.recipe.train.seed)
+        net = create_model(cfg.name, len(self.dataset.class_names), **cfg.args)
+        if pretrained and cfg.pretrained:
+            load_pretrained(net, cfg.pretrained)
+        if self.frozen:
+            freeze_backbone(net)
+        self.model = Classifier(net, mean, std).to(self.device)
+        self.meta = describe_model(cfg.name, cfg.args, self.dataset.class_names, self.dataset.image_size, mean, std)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(trainable, self.recipe)
+        self.scheduler = make_scheduler(self.optimizer, self.recipe)
+
+    def restore(self, last: dict) -> None:
+        """Continue from last.pt: weights, optimizer, scheduler, RNG, early stopping, metrics."""
+        self.model.load_state_dict(last["state_dict"])
+        state = last["train_state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.stopper = EarlyStopping(self.recipe.train.patience, **state["early_stopping"])
+        self.epoch = last["epoch"]
+        self.started = state.get("started", self.started)
+        self.history = self.metrics.truncate_to_epoch(self.epoch)
+
+    # ----- the loop -----------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        epochs = self.recipe.train.epochs
+        self._write_summary("running")
+        try:
+            while self.epoch < epochs and not self.stopper.should_stop:
+                record = self._run_epoch(self.epoch + 1)
+                self._finish_epoch(record)
+        except KeyboardInterrupt:
+            self._write_summary("interrupted")
+            raise
+        status = "early_stopped" if self.stopper.should_stop and self.epoch < epochs else "finished"
+        summary = self._write_summary(status)
+        self.callbacks.on_end(summary)
+        return summary
+
+    def _run_epoch(self, epoch: int) -> dict:
+        cfg = self.recipe.train
+        train = self.dataset.splits["train"]
+        batches = batch_count(len(train), cfg.batch_size, drop_last=True)
+        self.callbacks.on_epoch_start(epoch, cfg.epochs, batches)
+        set_train_mode(self.model, self.frozen)
+        start = time.perf_counter()
+        total_loss, seen = 0.0, 0
+        for pixels, labels in iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                           drop_last=True):
+            loss = self._step(pixels.to(self.device, non_blocking=True), labels.to(self.device))
+            total_loss += loss * len(labels)
+            seen += len(labels)
+            self.callbacks.on_batch(len(labels), loss)
+        train_seconds = time.perf_counter() - start
+        if self.scheduler is not None:
+            self.scheduler.step()
+        val = evaluate_model(self.model, self.dataset.splits["val"], self.dataset.class_names, cfg.batch_size,
+                             self.device)
+        return {"epoch": epoch, "train_loss": total_loss / seen, "val_loss": val.loss, "val_acc": val.accuracy,
+                "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
+                "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
+                "precision": self.precision["mode"], "precision_native": self.precision["native"],
+                "device": self.device.type}
+
+    def _step(self, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+        logits = self.model(pixels)
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(pixels)
+            loss = kd_loss(logits, teacher_logits, labels, self.recipe.distill.temperature,
+                           self.recipe.distill.alpha)
+        else:
+            loss = ce_loss(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def _finish_epoch(self, record: dict) -> None:
+        improved = self.stopper.update(record["epoch"], record["val_acc"])
+        self.epoch = record["epoch"]
+        self.history.append(record)
+        self.metrics.append(record)
+        if improved:
+            save_checkpoint(self.run_dir / "best.pt", self._payload(with_train_state=False))
+        save_checkpoint(self.run_dir / "last.pt", self._payload(with_train_state=True))
+        self._write_summary("running")
+        self.callbacks.on_epoch_end(record)
+
+    # ----- what lands on disk -------------------------------------------------------------------------
+
+    def _payload(self, with_train_state: bool) -> dict:
+        payload = {**self.meta, "state_dict": self.model.state_dict(), "recipe": self.recipe.to_dict(),
+                   "mode": self.mode, "role": "student" if self.mode == "distill" else "teacher",
+                   "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"], "precision": self.precision,
+                   "run": self.run_dir.name, "teacher": self._teacher_info(), "saved": _now()}
+        if with_train_state:
+            payload["train_state"] = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "early_stopping": {k: v for k, v in dataclasses.asdict(self.stopper).items() if k != "patience"},
+                "started": self.started}
+        return payload
+
+    def _teacher_info(self) -> dict | None:
+        if self.teacher_meta is None:
+            return None
+        return {"checkpoint": self.teacher_meta["path"], "sha256": self.teacher_meta["sha256"],
+                "model": self.teacher_meta["model"], "run": self.teacher_meta.get("run")}
+
+    def _write_summary(self, status: str) -> dict:
+        summary = {
+            "run": self.run_dir.name, "recipe": self.recipe.name, "recipe_file": self.recipe.source,
+            "mode": self.mode, "status": status, "device": self.device.type,
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "torch_threads": torch.get_num_threads(), "precision": self.precision,
+            "model": {**self.meta["model"], "parameters": count_parameters(self.model),
+                      "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
+            "dataset": self.dataset.summary(), "teacher": self._teacher_info(),
+            "epochs_done": self.epoch, "epochs_planned": self.recipe.train.epochs,
+            "best_epoch": self.stopper.best_epoch, "best_val_acc": self.stopper.best_acc if self.epoch else None,
+            "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
+                                  if self.history else None),
+            "started": self.started, "updated": _now()}
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+# ----- entry point --------------------------------------------------------------------------------------
+
+def _load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset: Dataset):
+    path = resolve_teacher(recipe, artifacts)
+    teacher, meta = load_model(path, device)
+    meta["sha256"] = file_sha256(path)
+    if meta["class_names"] != dataset.class_names:
+        raise CheckpointError(f"teacher {path} was trained on classes {meta['class_names']}, this dataset has "
+                              f"{dataset.class_names}", hint="distill on the teacher's dataset")
+    if meta["image_size"] != dataset.image_size:
+        raise CheckpointError(f"teacher {path} was trained at {meta['image_size']}px, the student recipe uses "
+                              f"data.image_size={dataset.image_size}",
+                              hint=f"--set data.image_size={meta['image_size']}")
+    for param in teacher.parameters():
+        param.requires_grad = False
+    log.info("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
+    return teacher, meta
+
+
+def _run_dir_for(recipe: Recipe, artifacts: Path, resume: bool) -> tuple[Path, dict | None]:
+    if not resume:
+        return new_run_dir(artifacts, recipe.name), None
+    run_dir = latest_run_dir(artifacts, recipe.name, needs="last.pt")
+    if run_dir is None:
+        raise EdgekdError(f"nothing to resume: no run of {recipe.name!r} with a last.pt under {artifacts}/",
+                          hint="drop --resume to start a new run")
+    last = read_checkpoint(run_dir / "last.pt")
+    if "train_state" not in last:
+        raise CheckpointError(f"{run_dir / 'last.pt'} holds no training state to resume from")
+    _warn_recipe_changes(last["recipe"], recipe)
+    return run_dir, last
+
+
+def _warn_recipe_changes(stored: dict, recipe: Recipe) -> None:
+    current = recipe.to_dict()
+    changed = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
+               for key, value in values.items() if stored.get(section, {}).get(key) != value]
+    if changed:
+        log.warning("resuming with a recipe that differs from the run's in: %s", ", ".join(changed))
+
+
+def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
+        callbacks: Callbacks | None = None) -> dict:
+    """Train (mode "train") or distill (mode "distill") one recipe; returns the run summary."""
+    callbacks = callbacks or Callbacks()
+    device = resolve_device(recipe.train.device)
+    if mode == "distill":
+        resolve_teacher(recipe, artifacts)  # fail on a missing teacher before decoding any image
+    elif recipe.teacher.checkpoint or recipe.teacher.recipe:
+        log.info("the recipe names a teacher; `edgekd train` ignores it and trains with cross-entropy only")
+    dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
+    teacher = _load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
+    run_dir, last = _run_dir_for(recipe, artifacts, resume)
+    trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks)
+    if last is not None:
+        trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
+        trainer.restore(last)
+    else:
+        mean, std = channel_stats(dataset.splits["train"])
+        trainer.build(mean, std, pretrained=True)
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    callbacks.on_start({
+        "run_dir": str(run_dir), "mode": mode, "device": device.type, "precision": trainer.precision,
+        "torch_threads": torch.get_num_threads(), "dataset": dataset.describe(),
+        "model": f"{recipe.model.name}({', '.join(f'{k}={v}' for k, v in recipe.model.args.items())})",
+        "parameters": count_parameters(trainer.model), "resumed_from_epoch": trainer.epoch if last else None,
+        "teacher": teacher[1]["path"] if teacher else None,
+        "skipped_images": sum(len(v) for v in dataset.skipped.values())})
+    return trainer.fit()

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import RECIPES, make_image_folder, write_recipe
+from edgekd.cli import cli
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_help_lists_the_pipeline_commands(runner):
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "distill", "evaluate", "summary"):
+        assert command in result.output
+
+
+def test_summary_prints_the_papers_parameter_counts(runner):
+    paths = [str(RECIPES / f"intel_{n}.yaml") for n in ("teacher", "10block", "8block", "6block", "4block")]
+    result = runner.invoke(cli, ["summary", *paths])
+    assert result.exit_code == 0, result.output
+    for count in ("26,534,358", "6,601,686", "1,648,470", "408,854", "98,294"):
+        assert count in result.output
+    assert "MACs" in result.output and "768,039,872" in result.output
+
+
+def test_a_misspelt_key_is_one_clear_error_not_a_traceback(runner, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, train={"epohcs": 3})
+    result = runner.invoke(cli, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "unknown key train.epohcs; did you mean train.epochs?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_distill_evaluate_from_the_command_line(runner, tmp_path, image_dataset, teacher_recipe,
+                                                      student_recipe):
+    make_image_folder(image_dataset / "test", per_class=3, seed=3)
+    result = runner.invoke(cli, ["train", str(teacher_recipe), "--set", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert "device    cpu, precision fp32 (native)" in result.output
+    assert "epoch   1" in result.output
+    result = runner.invoke(cli, ["distill", str(student_recipe), "--set", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert "teacher" in result.output and "tiny_teacher/best.pt" in result.output
+    result = runner.invoke(cli, ["evaluate", str(tmp_path / "artifacts" / "tiny_student"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["split"] == "test" and report["images"] == 9
+    assert (tmp_path / "artifacts" / "tiny_student" / "eval_test.json").is_file()
+
+
+def test_resume_from_the_command_line_continues_the_run(runner, tmp_path, teacher_recipe):
+    assert runner.invoke(cli, ["train", str(teacher_recipe), "--set", "train.epochs=1"]).exit_code == 0
+    result = runner.invoke(cli, ["train", str(teacher_recipe), "--set", "train.epochs=2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resuming  after epoch 1" in result.output
+    lines = (tmp_path / "artifacts" / "tiny_teacher" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_missing_dataset_and_missing_checkpoint_exit_non_zero(runner, tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path / "no-such-data")
+    result = runner.invoke(cli, ["train", str(path)])
+    assert result.exit_code == 1 and "does not exist" in result.output and "kaggle" in result.output
+    result = runner.invoke(cli, ["evaluate", str(tmp_path / "nothing.pt")])
+    assert result.exit_code == 1 and "checkpoint" in result.output

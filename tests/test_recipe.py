@@ -1,0 +1,93 @@
+import pytest
+import yaml
+
+from conftest import RECIPES, write_recipe
+from edgekd.errors import RecipeError
+from edgekd.recipe import load_recipe, recipe_from_dict
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_misspelt_key_names_the_key_and_the_closest_valid_one(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, train={"bacth_size": 8})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "train.bacth_size" in str(err.value)
+    assert "did you mean train.batch_size" in str(err.value)
+
+
+def test_misspelt_section_and_model_argument(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, trian={"epochs": 1})
+    with pytest.raises(RecipeError, match="did you mean train"):
+        load_recipe(path)
+    path = write_recipe(tmp_path / "r2.yaml", tmp_path, model={"blocs": 4})
+    with pytest.raises(RecipeError, match="did you mean model.blocks"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "optimizer", "adamm", "'adamm' is not one of adam, adamw, sgd; did you mean adam"),
+    ("distill", "alpha", 1.5, "distill.alpha: 1.5 must be in [0, 1]"),
+    ("distill", "temperature", 0, "distill.temperature: 0.0 must be > 0"),
+    ("train", "lr", -0.1, "train.lr: -0.1 must be > 0"),
+    ("train", "epochs", "five", "train.epochs: expected an integer, got 'five'"),
+    ("data", "image_size", 4, "data.image_size: 4 must be >= 8"),
+    ("model", "blocks", 0, "blocks=0"),
+])
+def test_bad_values_name_key_value_and_rule(tmp_path, section, key, value, message):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, **{section: {key: value}})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert message in str(err.value)
+
+
+def test_unknown_model_lists_valid_models(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, model={"name": "resnet19"})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert "unknown model 'resnet19'" in str(err.value)
+    assert "paper_cnn" in err.value.hint and "resnet18" in err.value.hint
+
+
+def test_overrides_apply_with_yaml_types(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path)
+    recipe = load_recipe(path, ["train.epochs=7", "train.lr=1e-3", "model.classifier=[8, 4]",
+                                "distill.T=3", "name=other"])
+    assert recipe.train.epochs == 7
+    assert recipe.train.lr == pytest.approx(1e-3)
+    assert recipe.model.args["classifier"] == [8, 4]
+    assert recipe.distill.temperature == 3.0
+    assert recipe.name == "other"
+
+
+def test_malformed_override_is_refused(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path)
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        load_recipe(path, ["train.epochs"])
+    with pytest.raises(RecipeError, match="did you mean train.epochs"):
+        load_recipe(path, ["train.epoch=3"])
+
+
+def test_resolved_recipe_round_trips_and_has_absolute_paths(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", "relative/data")
+    recipe = load_recipe(path)
+    assert recipe.data.root == str(tmp_path / "relative" / "data")
+    again = recipe_from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_teacher_recipe_is_found_beside_the_student_recipe(tmp_path):
+    recipe = load_recipe(RECIPES / "intel_8block.yaml")
+    assert recipe.teacher.recipe == str(RECIPES / "intel_teacher.yaml")
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")

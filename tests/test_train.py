@@ -1,0 +1,177 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_recipe
+from edgekd.errors import CheckpointError
+from edgekd.recipe import load_recipe
+from edgekd.runs import MetricsLog
+from edgekd.train.checkpoint import load_model
+from edgekd.train.losses import kd_loss
+from edgekd.train.trainer import Callbacks, EarlyStopping, run
+
+TIMING_KEYS = {"seconds", "train_seconds", "images_per_s"}
+
+
+def test_kd_loss_matches_a_hand_computation():
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.0]]
+    labels = [1, 2]
+    T, alpha = 2.0, 0.25
+
+    def softmax(row):
+        exps = [math.exp(v / T) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    kl = 0.0
+    for s_row, t_row in zip(student, teacher):
+        p_s, p_t = softmax(s_row), softmax(t_row)
+        kl += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    kl /= len(student)  # batchmean
+    ce = 0.0
+    for row, y in zip(student, labels):
+        ce -= math.log(math.exp(row[y]) / sum(math.exp(v) for v in row))
+    ce /= len(student)
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), T, alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_loss_extremes_are_pure_kl_and_pure_ce():
+    s, t, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    pure_kl = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean")
+    assert kd_loss(s, t, y, 1.0, 1.0).item() == pytest.approx(pure_kl.item(), rel=1e-6)
+    assert kd_loss(s, t, y, 3.0, 0.0).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert kd_loss(t, t, y, 2.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = EarlyStopping(patience=2)
+    assert stopper.update(1, 0.5) and not stopper.should_stop
+    assert not stopper.update(2, 0.5)
+    assert stopper.update(3, 0.6)
+    assert not stopper.update(4, 0.4) and not stopper.should_stop
+    assert not stopper.update(5, 0.55) and stopper.should_stop
+    assert (stopper.best_epoch, stopper.best_acc) == (3, 0.6)
+
+
+def test_train_writes_a_self_describing_run(tmp_path, teacher_recipe):
+    summary = run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts")
+    run_dir = tmp_path / "artifacts" / "tiny_teacher"
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert summary["precision"] == {"mode": "fp32", "native": True} and summary["device"] == "cpu"
+    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"train_loss", "val_loss", "val_acc", "seconds", "images_per_s", "precision"} <= set(records[0])
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "best.pt").is_file()
+    # The checkpoint rebuilds its model with no recipe file around.
+    teacher_recipe.unlink()
+    (run_dir / "recipe.yaml").unlink()
+    model, meta = load_model(run_dir / "best.pt")
+    assert meta["class_names"] == ["buildings", "forest", "sea"] and meta["image_size"] == 16
+    assert meta["recipe"]["model"]["blocks"] == 3 and meta["precision"]["mode"] == "fp32"
+    assert model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).shape == (2, 3)
+
+
+def test_a_second_run_of_a_recipe_never_overwrites_the_first(tmp_path, teacher_recipe):
+    recipe = load_recipe(teacher_recipe, ["train.epochs=1"])
+    run(recipe, "train", tmp_path / "a")
+    second = run(recipe, "train", tmp_path / "a")
+    assert second["run"] == "tiny_teacher-2"
+
+
+def test_distill_learns_from_the_latest_teacher_run(tmp_path, teacher_recipe, student_recipe):
+    teacher = run(load_recipe(teacher_recipe, ["train.epochs=3"]), "train", tmp_path / "artifacts")
+    summary = run(load_recipe(student_recipe, ["train.epochs=3"]), "distill", tmp_path / "artifacts")
+    assert summary["mode"] == "distill" and summary["teacher"]["checkpoint"].endswith("tiny_teacher/best.pt")
+    assert len(summary["teacher"]["sha256"]) == 64
+    assert teacher["best_val_acc"] > 0.6  # colour classes are easy: learning happened
+    assert summary["best_val_acc"] > 0.6
+    model, meta = load_model(tmp_path / "artifacts" / "tiny_student" / "best.pt")
+    assert meta["role"] == "student" and meta["teacher"]["sha256"] == summary["teacher"]["sha256"]
+
+
+def test_distill_without_a_trained_teacher_fails_before_any_work(tmp_path, student_recipe):
+    with pytest.raises(CheckpointError, match="edgekd train"):
+        run(load_recipe(student_recipe), "distill", tmp_path / "artifacts")
+    assert not (tmp_path / "cache").exists()  # no image was decoded
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_teacher_with_other_classes_is_refused(tmp_path, image_dataset, teacher_recipe):
+    from conftest import make_image_folder
+
+    other = make_image_folder(tmp_path / "other" / "train", per_class=4,
+                              classes={"cat": (1, 2, 3), "dog": (200, 100, 0)}).parent
+    run(load_recipe(teacher_recipe, ["train.epochs=1", f"data.root={other}"]), "train", tmp_path / "artifacts")
+    student = write_recipe(tmp_path / "s.yaml", image_dataset, teacher={"recipe": str(teacher_recipe)})
+    with pytest.raises(CheckpointError, match="trained on classes"):
+        run(load_recipe(student), "distill", tmp_path / "artifacts")
+
+
+class StopAfter(Callbacks):
+    """Simulates Ctrl-C right after an epoch's checkpoint was written."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, record):
+        if record["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+@pytest.mark.parametrize("mode", ["train", "distill"])
+def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, teacher_recipe, student_recipe,
+                                                                   mode):
+    recipe_path = teacher_recipe if mode == "train" else student_recipe
+    overrides = ["train.epochs=4", "train.scheduler=step", "train.step_size=1", "train.gamma=0.5"]
+    if mode == "distill":
+        run(load_recipe(teacher_recipe), "train", tmp_path / "whole")
+        run(load_recipe(teacher_recipe), "train", tmp_path / "cut")
+    whole = run(load_recipe(recipe_path, overrides), mode, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(load_recipe(recipe_path, overrides), mode, tmp_path / "cut", callbacks=StopAfter(2))
+    cut_dir = tmp_path / "cut" / whole["run"]
+    assert json.loads((cut_dir / "summary.json").read_text())["status"] == "interrupted"
+    # A crash can also tear the metrics file mid-line; resume must drop that line.
+    with open(cut_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')
+    resumed = run(load_recipe(recipe_path, overrides), mode, tmp_path / "cut", resume=True)
+    assert resumed["epochs_done"] == whole["epochs_done"] == 4
+    whole_records = MetricsLog(tmp_path / "whole" / whole["run"] / "metrics.jsonl").read()
+    cut_records = MetricsLog(cut_dir / "metrics.jsonl").read()
+    assert [r["epoch"] for r in cut_records] == [1, 2, 3, 4]
+    assert _strip_timing(cut_records) == _strip_timing(whole_records)
+    a = torch.load(tmp_path / "whole" / whole["run"] / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(cut_dir / "last.pt", weights_only=True)["state_dict"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_resume_without_a_run_says_so(tmp_path, teacher_recipe):
+    from edgekd.errors import EdgekdError
+
+    with pytest.raises(EdgekdError, match="nothing to resume"):
+        run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts", resume=True)
+
+
+def test_frozen_backbone_only_changes_the_head(tmp_path, image_dataset):
+    recipe = write_recipe(tmp_path / "frozen.yaml", image_dataset, model={"freeze": "backbone"},
+                          train={"epochs": 1})
+    run(load_recipe(recipe), "train", tmp_path / "artifacts")
+    model, meta = load_model(tmp_path / "artifacts" / "frozen" / "best.pt")
+    torch.manual_seed(0)  # the same seed the trainer used: the initial backbone
+    from edgekd.models import create_model
+
+    initial = create_model("paper_cnn", 3, blocks=2).state_dict()
+    trained = model.net.state_dict()
+    assert torch.equal(initial["stem.0.weight"], trained["stem.0.weight"])
+    assert torch.equal(initial["stem.1.running_mean"], trained["stem.1.running_mean"])
+    assert not torch.equal(initial["head.0.weight"], trained["head.0.weight"])
