@@ -175,3 +175,10 @@ def test_train_split_alone_still_excludes_the_held_out_rows(tmp_path):
     make_image_folder(root / "val", per_class=2)
     with_val = open_dataset(config(root), splits=("train",))
     assert len(with_val.splits["train"]) == 30  # a real val folder: nothing held out
+
+
+def test_decoding_in_worker_processes_gives_the_same_cache(tmp_path):
+    root = make_image_folder(tmp_path / "d" / "train", per_class=6).parent
+    serial = open_dataset(config(root, cache_dir=str(tmp_path / "c1")), splits=("train",))
+    parallel = open_dataset(config(root, cache_dir=str(tmp_path / "c2")), splits=("train",), workers=2)
+    np.testing.assert_array_equal(serial.splits["train"].images, parallel.splits["train"].images)

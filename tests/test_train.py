@@ -175,3 +175,16 @@ def test_frozen_backbone_only_changes_the_head(tmp_path, image_dataset):
     assert torch.equal(initial["stem.0.weight"], trained["stem.0.weight"])
     assert torch.equal(initial["stem.1.running_mean"], trained["stem.1.running_mean"])
     assert not torch.equal(initial["head.0.weight"], trained["head.0.weight"])
+
+
+class Explode(Callbacks):
+    def on_epoch_end(self, record):
+        raise RuntimeError("disk on fire")
+
+
+def test_a_crashed_run_says_so_in_its_summary(tmp_path, teacher_recipe):
+    with pytest.raises(RuntimeError):
+        run(load_recipe(teacher_recipe), "train", tmp_path / "a", callbacks=Explode())
+    summary = json.loads((tmp_path / "a" / "tiny_teacher" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "disk on fire" in summary["error"]
+    assert (tmp_path / "a" / "tiny_teacher" / "last.pt").is_file()  # epoch 1 was saved before the crash

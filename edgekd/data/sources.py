@@ -15,10 +15,10 @@ import numpy as np
 
 from edgekd.errors import DataError
 from edgekd.recipe import DataConfig
+from edgekd.runtime.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 SPLIT_DIR_NAMES = {
     "train": ("train", "seg_train", "training"),
     "val": ("val", "valid", "validation"),

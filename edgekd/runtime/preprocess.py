@@ -6,11 +6,13 @@ uses the same functions, so a model never sees pixels prepared differently from 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 RESIZE_METHOD = "bilinear"  # Pillow's bilinear resize (antialiased when shrinking), straight to S×S
 
 
@@ -35,13 +37,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def open_image(path: str | Path) -> Image.Image:
     """Decode a whole file (so truncation is caught here), apply EXIF orientation, return RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError("no such file" if not path.exists() else "not a file")
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"not a readable image ({exc.__class__.__name__}: {exc})") from exc
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice it; refuse such images too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"refused: larger than Pillow's decompression-bomb limit ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        kind = "an empty file" if path.stat().st_size == 0 else "not an image Pillow can read"
+        raise ImageDecodeError(kind) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image ({exc})") from exc
 

@@ -182,6 +182,9 @@ class Trainer:
         except KeyboardInterrupt:
             self._write_summary("interrupted")
             raise
+        except Exception as exc:
+            self._write_summary("failed", error=f"{exc.__class__.__name__}: {exc}")
+            raise
         status = "early_stopped" if self.stopper.should_stop and self.epoch < epochs else "finished"
         summary = self._write_summary(status)
         self.callbacks.on_end(summary)
@@ -260,15 +263,23 @@ class Trainer:
         return {"checkpoint": self.teacher_meta["path"], "sha256": self.teacher_meta["sha256"],
                 "model": self.teacher_meta["model"], "run": self.teacher_meta.get("run")}
 
-    def _write_summary(self, status: str) -> dict:
+    def _loss_description(self) -> str:
+        if self.teacher_model is None:
+            return "cross-entropy"
+        d = self.recipe.distill
+        return f"kd: {d.alpha}*T^2*KL(teacher || student) + {1 - d.alpha:g}*CE, T={d.temperature}"
+
+    def _write_summary(self, status: str, error: str | None = None) -> dict:
         summary = {
             "run": self.run_dir.name, "recipe": self.recipe.name, "recipe_file": self.recipe.source,
-            "mode": self.mode, "status": status, "device": self.device.type,
+            "mode": self.mode, "status": status, "error": error, "loss": self._loss_description(),
+            "device": self.device.type,
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(), "precision": self.precision,
             "model": {**self.meta["model"], "parameters": count_parameters(self.model),
                       "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
-            "dataset": self.dataset.summary(), "teacher": self._teacher_info(),
+            "dataset": self.dataset.summary(), "mean": self.meta["mean"], "std": self.meta["std"],
+            "teacher": self._teacher_info(),
             "epochs_done": self.epoch, "epochs_planned": self.recipe.train.epochs,
             "best_epoch": self.stopper.best_epoch, "best_val_acc": self.stopper.best_acc if self.epoch else None,
             "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
