@@ -165,15 +165,94 @@ def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json) -> No
     click.echo(f"\nwritten   {path.parent / f'eval_{split}.json'}")
 
 
-def _newest_run(artifacts) -> Path:
+def _newest_run(artifacts, mode: str | None = None) -> Path:
     from edgekd.runs import artifacts_root, latest_run
 
     root = artifacts_root(artifacts)
-    run_dir = latest_run(root)
+    run_dir = latest_run(root, mode=mode)
     if run_dir is None:
-        raise EdgekdError(f"no finished run under {root}/", hint="train one first, or name a checkpoint")
-    click.echo(f"using the newest run: {run_dir}", err=True)
+        what = "distilled run" if mode == "distill" else "run with a best.pt"
+        raise EdgekdError(f"no {what} under {root}/",
+                          hint=f"run `edgekd {mode or 'train'} RECIPE` first, or name a run folder or checkpoint")
+    click.echo(f"using the newest {'distilled ' if mode == 'distill' else ''}run: {run_dir}", err=True)
     return run_dir
+
+
+@cli.command()
+@click.argument("target", required=False, type=click.Path())
+@click.option("--fp16", is_flag=True, help="Also export fp16 weights and compute (for GPU/NPU runtimes).")
+@click.option("--int8", is_flag=True, help="Also export int8 (static QDQ, per-channel; the fast CPU path).")
+@click.option("--fp8", is_flag=True, help="Also export fp8 e4m3 weights with per-channel scales.")
+@click.option("--all", "all_", is_flag=True, help="Export every precision.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: <run>/exports).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Real training images (class-balanced, seeded) that calibrate int8.")
+@click.option("--keep-float", multiple=True, type=click.Choice(["stem", "classifier"]),
+              help="Leave these sensitive layers in float in the int8 graph (repeatable).")
+@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
+              help="Dataset root, if it moved since training.")
+@click.option("--artifacts", type=click.Path(file_okay=False), default=None,
+              help="Where runs live, to find the newest distilled one.")
+def export(target, fp16, int8, fp8, all_, out, calibration_images, keep_float, data_root, artifacts) -> None:
+    """Export a run or checkpoint to ONNX: fp32 always, plus --fp16, --int8, --fp8 or --all.
+
+    TARGET is a run folder or a .pt file; without it, the newest distilled run under artifacts/.
+    Each file is self-contained (weights inside, dynamic batch) and self-describing (classes, input
+    size, mean/std, precision in its metadata).
+    """
+    from edgekd.export import PRECISIONS, ExportPlan, export_checkpoint
+    from edgekd.train.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(target) if target else _newest_run(artifacts, mode="distill") / "best.pt"
+    wanted = [p for p, flag in zip(PRECISIONS, (True, fp16, int8, fp8)) if flag or all_]
+    out_dir = Path(out) if out else checkpoint.parent / "exports"
+    results = export_checkpoint(ExportPlan(checkpoint, wanted, out_dir, calibration_images, list(keep_float),
+                                           data_root))
+    fp32_size = results[0].size_bytes
+    click.echo(f"\n{'file':<40} {'precision':<9} {'MB':>8} {'x fp32':>7} {'max|dlogit|':>12} {'top-1 agree':>12}")
+    for r in results:
+        click.echo(f"{str(r.path.name):<40} {r.precision:<9} {r.size_bytes / 1e6:>8.2f} "
+                   f"{r.size_bytes / fp32_size:>7.2f} {r.max_abs_logit_diff:>12.2e} {r.agreement:>12.2%}")
+    click.echo(f"\nwritten   {out_dir} (compared with PyTorch fp32 on real validation images)")
+
+
+@cli.command()
+@click.argument("photos", nargs=-1, required=True)
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+              help="An exported .onnx file (default: the newest export, int8 on CPU, fp16 on CUDA).")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--artifacts", type=click.Path(file_okay=False), default=None,
+              help="Where runs live, to find the newest export.")
+def classify(photos, model_path, top_k, as_json, provider, threads, batch_size, artifacts) -> None:
+    """Classify photos (files or folders) with an exported model. Needs no torch.
+
+    Exit code 1 when any file could not be classified; the others are still answered.
+    """
+    from edgekd.classify import ExportedModel, expand_inputs, newest_export
+    from edgekd.runs import artifacts_root
+
+    if model_path is None:
+        model_path = newest_export(artifacts_root(artifacts), provider)
+        click.echo(f"using the newest export: {model_path}", err=True)
+    model = ExportedModel(Path(model_path), provider, threads)
+    failed = 0
+    for result in model.classify(expand_inputs(list(photos)), top_k, batch_size):
+        failed += hasattr(result, "error")
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+        elif hasattr(result, "error"):
+            click.echo(f"{result.file}\terror: {result.error}")
+        else:
+            others = ", ".join(f"{label} {p:.3f}" for label, p in result.top_k)
+            click.echo(f"{result.file}\t{result.label}\t{result.probability:.3f}\t({others})")
+    if failed:
+        click.echo(f"{failed} file(s) could not be classified", err=True)
+        sys.exit(1)
 
 
 @cli.command()

@@ -74,3 +74,23 @@ def student_recipe(tmp_path, image_dataset, teacher_recipe) -> Path:
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
+
+
+@pytest.fixture(scope="session")
+def distilled_run(tmp_path_factory):
+    """A teacher and a distilled 8-block student (the paper's 1.6 M-parameter shape, at 16 px so it trains in
+    a second) on generated colour images, shared by the export and classify tests."""
+    from edgekd.recipe import load_recipe
+    from edgekd.train.trainer import run
+
+    base = tmp_path_factory.mktemp("distilled")
+    root = base / "colours"
+    make_image_folder(root / "train", per_class=16, seed=1)
+    make_image_folder(root / "val", per_class=6, seed=2)
+    common = {"data": {"cache_dir": str(base / "cache")}}
+    teacher = write_recipe(base / "tiny_teacher.yaml", root, model={"blocks": 3}, **common)
+    student = write_recipe(base / "tiny_student.yaml", root, model={"blocks": 8},
+                           teacher={"recipe": str(teacher)}, distill={"temperature": 2.0, "alpha": 0.5}, **common)
+    run(load_recipe(teacher), "train", base / "artifacts")
+    run(load_recipe(student), "distill", base / "artifacts")
+    return base / "artifacts" / "tiny_student"

@@ -1,0 +1,129 @@
+"""`edgekd classify`: photos → labels with an exported model, on the device.
+
+Imports only numpy, Pillow and onnxruntime (through runtime/): a device needs `pip install edgekd`, one
+.onnx file, and nothing of torch. Preprocessing comes from the model's own metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+from edgekd.runtime.model_info import ModelInfo, NotAnEdgekdModel
+from edgekd.runtime.preprocess import IMAGE_SUFFIXES, RESIZE_METHOD, ImageDecodeError, load_rgb
+from edgekd.runtime.session import as_input, available_providers, open_session, session_model_info
+
+log = logging.getLogger(__name__)
+
+# Which exported variant suits a provider best, most preferred first.
+PREFERRED = {"cpu": ("int8", "fp32", "fp8", "fp16"), "cuda": ("fp16", "fp32", "int8", "fp8"),
+             "tensorrt": ("fp16", "int8", "fp32", "fp8")}
+
+
+@dataclass
+class Prediction:
+    file: str
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "label": self.label, "probability": self.probability,
+                "top_k": [{"label": label, "probability": p} for label, p in self.top_k]}
+
+
+@dataclass
+class Failure:
+    file: str
+    error: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "error": self.error}
+
+
+@dataclass
+class ExportedModel:
+    """An exported model loaded in onnxruntime, with the preprocessing its metadata describes."""
+
+    path: Path
+    provider: str = "cpu"
+    threads: int | None = None
+    info: ModelInfo = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.provider not in available_providers():
+            raise EdgekdError(f"onnxruntime here has no {self.provider} provider",
+                              hint=f"available: {', '.join(available_providers())}")
+        try:
+            self.session = open_session(self.path, self.provider, self.threads)
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+            raise EdgekdError(f"{self.path}: onnxruntime cannot load it ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from exc
+        try:
+            self.info = session_model_info(self.session, str(self.path))
+        except NotAnEdgekdModel as exc:
+            raise EdgekdError(str(exc)) from exc
+        if self.info.resize != RESIZE_METHOD:
+            raise EdgekdError(f"{self.path}: resize method {self.info.resize!r} is unknown to this edgekd",
+                              hint="upgrade edgekd")
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        logits = self.session.run(None, {self.info.input_name: as_input(pixels)})[0].astype(np.float64)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    def classify(self, files: list[Path], top_k: int = 3, batch_size: int = 16) -> Iterator[Prediction | Failure]:
+        """One result per file, in order; unreadable files become Failures and do not stop the rest."""
+        for start in range(0, len(files), batch_size):
+            yield from self._classify_batch(files[start:start + batch_size], top_k)
+
+    def _classify_batch(self, files: list[Path], top_k: int) -> Iterator[Prediction | Failure]:
+        decoded: dict[int, np.ndarray] = {}
+        failures: dict[int, Failure] = {}
+        for i, path in enumerate(files):
+            try:
+                decoded[i] = load_rgb(path, self.info.image_size)
+            except ImageDecodeError as exc:
+                failures[i] = Failure(str(path), str(exc))
+        probs = self.probabilities(np.stack(list(decoded.values()))) if decoded else None
+        rows = {i: row for i, row in zip(decoded, probs)} if probs is not None else {}
+        for i, path in enumerate(files):
+            yield failures[i] if i in failures else self._prediction(str(path), rows[i], top_k)
+
+    def _prediction(self, file: str, probs: np.ndarray, top_k: int) -> Prediction:
+        order = np.argsort(-probs)[:max(1, top_k)]
+        names = self.info.class_names
+        return Prediction(file, names[order[0]], float(probs[order[0]]),
+                          [(names[j], float(probs[j])) for j in order])
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Files as given (missing ones too: they fail later with a clear line); folders → their images."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not p.name.startswith("."))
+        else:
+            files.append(path)
+    return files
+
+
+def newest_export(root: Path, provider: str) -> Path:
+    """The newest export under artifacts/, in the variant that suits the provider."""
+    exports = sorted(root.glob("*/exports/*.onnx"), key=lambda p: p.stat().st_mtime)
+    if not exports:
+        raise EdgekdError(f"no exported model under {root}/",
+                          hint="run `edgekd export --int8` first, or pass --model FILE")
+    newest_dir = exports[-1].parent
+    by_precision = {p.name.rsplit(".", 2)[-2]: p for p in newest_dir.glob("*.onnx")}
+    for precision in PREFERRED[provider]:
+        if precision in by_precision:
+            return by_precision[precision]
+    return exports[-1]

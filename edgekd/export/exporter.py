@@ -1,0 +1,144 @@
+"""`edgekd export`: a checkpoint → one self-describing .onnx file per precision.
+
+Every file holds its weights (no .onnx.data beside it), has a dynamic batch dimension, and carries in its
+metadata what a device needs: class names, input size, mean/std (applied inside the graph), resize method,
+precision, and where it came from. A file is written under a temporary name and renamed, so a failed
+export never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import edgekd
+from edgekd.data import open_dataset
+from edgekd.errors import EdgekdError
+from edgekd.export.onnx_fp32 import INPUT_NAME, export_fp32, opset_of, torch_logits
+from edgekd.export.precisions import to_fp8, to_fp16, to_int8
+from edgekd.recipe import recipe_from_dict
+from edgekd.runs import atomic_write
+from edgekd.runtime.model_info import ModelInfo
+from edgekd.runtime.session import available_providers, open_session, run_logits
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+FP32_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and the fp32 export
+
+
+class ExportError(EdgekdError):
+    """An export that failed its own checks; no file was replaced."""
+
+
+@dataclass
+class ExportedFile:
+    precision: str
+    path: Path
+    size_bytes: int
+    max_abs_logit_diff: float  # against PyTorch fp32, on real validation images
+    agreement: float  # fraction of those images with the same top-1 class as PyTorch
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportPlan:
+    checkpoint: Path
+    precisions: list[str]
+    out_dir: Path
+    calibration_images: int = 300
+    keep_float: list[str] = field(default_factory=list)
+    data_root: str | None = None
+
+
+def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
+    """Export fp32 (always: it is the reference the others derive from) and the requested precisions."""
+    from edgekd.train.checkpoint import file_sha256, load_model
+
+    model, payload = load_model(plan.checkpoint)
+    dataset = _dataset_for(payload, plan.data_root)
+    reference_pixels = _sample(dataset.splits["val"], 256, seed=0, balanced=False)
+    reference = torch_logits(model, reference_pixels)
+    fp32, exporter = export_fp32(model, payload["image_size"])
+    info = _model_info(payload, file_sha256(plan.checkpoint), exporter, opset_of(fp32))
+    stem = payload.get("run") or plan.checkpoint.parent.name
+    results = []
+    for precision in ["fp32", *[p for p in plan.precisions if p != "fp32"]]:
+        path = plan.out_dir / f"{stem}.{precision}.onnx"
+        graph = _convert(precision, fp32, plan, dataset, path.with_name(f"{stem}.fp32.onnx"))
+        results.append(_write_checked(graph, path, info, precision, reference_pixels, reference))
+    return results
+
+
+def _dataset_for(payload: dict, data_root: str | None):
+    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
+    if data_root:
+        recipe.data.root = str(Path(data_root).expanduser().absolute())
+    return open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
+
+
+def _sample(split, count: int, seed: int, balanced: bool) -> np.ndarray:
+    """Real images from a split: a seeded sample, class-balanced when asked (for calibration)."""
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        positions = np.sort(rng.permutation(len(split))[:count])
+        return split.take(positions)[0]
+    labels = split.row_labels
+    classes = np.unique(labels)
+    per_class = -(-count // len(classes))
+    positions = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes])
+    return split.take(np.sort(positions[:count] if len(positions) > count else positions))[0]
+
+
+def _convert(precision: str, fp32: onnx.ModelProto, plan: ExportPlan, dataset, fp32_path: Path) -> onnx.ModelProto:
+    if precision == "fp32":
+        return fp32
+    if precision == "fp16":
+        if "cuda" not in available_providers():
+            log.warning("fp16 is for GPU and NPU runtimes: on onnxruntime's CPU provider it runs slower than "
+                        "fp32 (no CUDA provider on this machine)")
+        return to_fp16(fp32)
+    if precision == "int8":
+        calibration = _sample(dataset.splits["train"], plan.calibration_images, seed=0, balanced=True)
+        log.info("int8: calibrating on %d real training images (class-balanced, seed 0)", len(calibration))
+        return to_int8(fp32_path, calibration, plan.keep_float)
+    return to_fp8(fp32)
+
+
+def _model_info(payload: dict, sha256: str, exporter: str, opset: int) -> ModelInfo:
+    return ModelInfo(
+        class_names=list(payload["class_names"]), image_size=int(payload["image_size"]),
+        mean=list(payload["mean"]), std=list(payload["std"]), resize=payload["resize"],
+        normalization="in-graph", input_name=INPUT_NAME, precision="",
+        extra={"checkpoint_sha256": sha256, "recipe": payload["recipe"]["name"], "run": str(payload.get("run")),
+               "model": json.dumps(payload["model"]), "val_accuracy": str(payload.get("val_acc")),
+               "edgekd_version": edgekd.__version__, "exporter": exporter, "opset": str(opset)})
+
+
+def _write_checked(graph: onnx.ModelProto, path: Path, info: ModelInfo, precision: str,
+                   pixels: np.ndarray, reference: np.ndarray) -> ExportedFile:
+    """Save as one file, run it in onnxruntime on real images, and only then rename it into place."""
+    info.precision = precision
+    del graph.metadata_props[:]
+    onnx.helper.set_model_props(graph, info.to_metadata())
+    onnx.checker.check_model(graph)
+    measured: dict[str, float] = {}
+
+    def save(tmp: Path) -> None:
+        onnx.save_model(graph, tmp, save_as_external_data=False)
+        logits = run_logits(open_session(tmp), pixels)
+        measured["diff"] = float(np.abs(logits - reference).max())
+        measured["agreement"] = float((logits.argmax(1) == reference.argmax(1)).mean())
+        if precision == "fp32" and measured["diff"] > FP32_TOLERANCE:
+            raise ExportError(f"the fp32 export differs from PyTorch by {measured['diff']:.2e} "
+                              f"(> {FP32_TOLERANCE}) on real images; the file was not written")
+
+    atomic_write(path, save)
+    log.info("%s: max |logit - PyTorch| %.2e, top-1 agreement %.4f on %d real images", path.name,
+             measured["diff"], measured["agreement"], len(pixels))
+    return ExportedFile(precision, path, path.stat().st_size, measured["diff"], measured["agreement"])

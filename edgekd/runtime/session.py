@@ -1,0 +1,45 @@
+"""onnxruntime sessions for edgekd exports: provider choice, metadata, batched logits. No torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgekd.runtime.model_info import ModelInfo, model_info_from_metadata
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def available_providers() -> list[str]:
+    """Short names (cpu, cuda, tensorrt) of the providers this onnxruntime build offers."""
+    offered = set(ort.get_available_providers())
+    return [short for short, name in PROVIDERS.items() if name in offered]
+
+
+def open_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # onnxruntime's warnings about unused initializers are noise to users
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def session_model_info(session: ort.InferenceSession, source: str) -> ModelInfo:
+    return model_info_from_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
+
+
+def as_input(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB → the (N, 3, H, W) float32 0-255 tensor edgekd models take."""
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def run_logits(session: ort.InferenceSession, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: as_input(pixels[i:i + batch_size])})[0]
+           for i in range(0, len(pixels), batch_size)]
+    return np.concatenate(out).astype(np.float32)

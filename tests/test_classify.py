@@ -1,0 +1,128 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgekd.cli import cli
+from edgekd.export import ExportPlan, export_checkpoint
+from edgekd.runtime.preprocess import load_rgb
+
+
+@pytest.fixture(scope="module")
+def model_file(distilled_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("classify-model")
+    export_checkpoint(ExportPlan(distilled_run / "best.pt", ["int8"], out, calibration_images=12))
+    return out / "tiny_student.int8.onnx"
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Good photos in every mode a camera or a web page produces, and one of each kind of bad input."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    rgb.save(folder / "rgb.jpg")
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("LA").save(folder / "gray_alpha.png")
+    rgb.convert("P").save(folder / "palette.gif")
+    rgb.convert("RGBA").save(folder / "alpha.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (30, 40))).astype(np.uint16)).save(folder / "sixteen_bit.png")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.png").write_text("this is not a picture")
+    (bad / "truncated.jpg").write_bytes((folder / "rgb.jpg").read_bytes()[:300])
+    Image.new("1", (10_000, 9_000)).save(bad / "bomb.png")  # 90 M pixels: over Pillow's limit
+    return folder, bad
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, ["classify", *map(str, args)])
+
+
+def test_every_image_mode_is_classified(model_file, photos):
+    folder, _ = photos
+    result = _invoke("--model", model_file, "--json", folder)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 7
+    for line in lines:
+        assert line["label"] in ("buildings", "forest", "sea")
+        assert 0 < line["probability"] <= 1 and len(line["top_k"]) == 3
+        assert sum(k["probability"] for k in line["top_k"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_inputs_each_get_one_error_line_and_the_rest_are_answered(model_file, photos, tmp_path):
+    folder, bad = photos
+    missing = tmp_path / "missing.jpg"
+    result = _invoke("--model", model_file, folder / "rgb.jpg", missing, bad, folder / "gray.png")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    errors = {Path(line.split("\t")[0]).name: line for line in lines if "\terror: " in line}
+    assert set(errors) == {"missing.jpg", "empty.jpg", "notes.png", "truncated.jpg", "bomb.png"}
+    assert "no such file" in errors["missing.jpg"]
+    assert "empty file" in errors["empty.jpg"]
+    assert "not an image" in errors["notes.png"]
+    assert "truncated" in errors["truncated.jpg"]
+    assert "decompression-bomb" in errors["bomb.png"]
+    assert len(lines) == 7 and "5 file(s) could not be classified" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_json_lines_parse_for_answers_and_errors(model_file, photos):
+    folder, bad = photos
+    result = _invoke("--model", model_file, "--json", folder / "rgb.jpg", bad / "empty.jpg")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows[0]["label"] and rows[1]["error"] == "an empty file"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    upright = np.asarray(Image.fromarray(pixels).rotate(-90, expand=True).resize((16, 16), Image.BILINEAR))
+    np.testing.assert_allclose(load_rgb(tmp_path / "rotated.jpg", 16).astype(int), upright.astype(int), atol=40)
+
+
+def test_a_model_without_edgekd_metadata_is_refused_clearly(model_file, photos, tmp_path):
+    foreign = onnx.load(model_file)
+    del foreign.metadata_props[:]
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    result = _invoke("--model", tmp_path / "foreign.onnx", photos[0] / "rgb.jpg")
+    assert result.exit_code == 1 and "not an edgekd export" in result.output
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00garbage")
+    result = _invoke("--model", tmp_path / "garbage.onnx", photos[0] / "rgb.jpg")
+    assert result.exit_code == 1 and "cannot load it" in result.output and "Traceback" not in result.output
+
+
+def test_classify_runs_with_torch_unimportable(model_file, photos):
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from edgekd.cli import main\n"
+              f"sys.argv = ['edgekd', 'classify', '--model', {str(model_file)!r}, {str(photos[0])!r}]\n"
+              "try:\n    main()\nfinally:\n"
+              "    heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')]\n"
+              "    print('HEAVY', heavy, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 7
+    assert "HEAVY ['torch']" in done.stderr  # only our blocker: nothing imported torch, torchvision or onnx
+
+
+def test_without_a_model_the_newest_export_suits_the_provider(distilled_run, photos, monkeypatch):
+    monkeypatch.setenv("EDGEKD_ARTIFACTS", str(distilled_run.parent))
+    export_checkpoint(ExportPlan(distilled_run / "best.pt", ["fp16", "int8"], distilled_run / "exports",
+                                 calibration_images=12))
+    result = _invoke(photos[0] / "rgb.jpg")
+    assert result.exit_code == 0, result.output
+    assert "using the newest export:" in result.output and "tiny_student.int8.onnx" in result.output

@@ -1,0 +1,121 @@
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgekd.cli import cli
+from edgekd.data import open_dataset
+from edgekd.export import ExportError, ExportPlan, export_checkpoint
+from edgekd.export import exporter as exporter_module
+from edgekd.recipe import recipe_from_dict
+from edgekd.runtime.model_info import model_info_from_metadata
+from edgekd.runtime.session import run_logits
+from edgekd.train.checkpoint import load_model
+
+
+@pytest.fixture(scope="module")
+def exports(distilled_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports")
+    results = export_checkpoint(ExportPlan(distilled_run / "best.pt", ["fp32", "fp16", "int8", "fp8"], out,
+                                           calibration_images=30))
+    return {r.precision: r for r in results}
+
+
+def _val_pixels(checkpoint):
+    model, payload = load_model(checkpoint)
+    dataset = open_dataset(recipe_from_dict(payload["recipe"]).data, splits=("val",))
+    pixels, _ = dataset.splits["val"].take(np.arange(len(dataset.splits["val"])))
+    return model, payload, pixels
+
+
+def test_each_precision_is_one_self_describing_file(exports, distilled_run):
+    assert set(exports) == {"fp32", "fp16", "int8", "fp8"}
+    out_dir = exports["fp32"].path.parent
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f"tiny_student.{p}.onnx" for p in exports)
+    _, payload, _ = _val_pixels(distilled_run / "best.pt")
+    for precision, result in exports.items():
+        session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+        info = model_info_from_metadata(dict(session.get_modelmeta().custom_metadata_map))
+        assert info.precision == precision
+        assert info.class_names == payload["class_names"] and info.image_size == 16
+        assert info.mean == pytest.approx(payload["mean"]) and info.normalization == "in-graph"
+        assert len(info.extra["checkpoint_sha256"]) == 64 and info.extra["recipe"] == "tiny_student"
+        assert int(info.extra["opset"]) >= 19 and "torch.onnx" in info.extra["exporter"]
+
+
+def test_fp32_matches_pytorch_on_real_images_with_any_batch_size(exports, distilled_run):
+    model, _, pixels = _val_pixels(distilled_run / "best.pt")
+    with torch.no_grad():
+        reference = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float()).numpy()
+    session = ort.InferenceSession(str(exports["fp32"].path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5, len(pixels)):
+        np.testing.assert_allclose(run_logits(session, pixels, batch), reference, atol=1e-4, rtol=0)
+    assert exports["fp32"].max_abs_logit_diff <= 1e-4
+
+
+def test_reduced_precisions_shrink_the_file_and_keep_the_answers(exports):
+    fp32 = exports["fp32"].size_bytes
+    assert exports["fp16"].size_bytes <= 0.52 * fp32
+    assert exports["int8"].size_bytes <= 0.27 * fp32
+    assert exports["fp8"].size_bytes <= 0.27 * fp32
+    for precision in ("fp16", "int8", "fp8"):
+        assert exports[precision].agreement >= 0.8, precision
+
+
+def test_fp8_weights_are_float8_with_per_channel_scales(exports, distilled_run):
+    graph = onnx.load(exports["fp8"].path).graph
+    fp8 = {i.name: i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    conv_weights = [n.input[1] for n in graph.node if n.op_type == "Conv"]
+    assert conv_weights and all(f"{w}_fp8" in fp8 for w in conv_weights)
+    dequantize = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert set(conv_weights) <= set(dequantize)
+    # The stored value equals an independent float8 round trip of the scaled fp32 weight.
+    fp32_graph = onnx.load(exports["fp32"].path).graph
+    name = conv_weights[0]
+    weight = onnx.numpy_helper.to_array(next(i for i in fp32_graph.initializer if i.name == name))
+    scale = onnx.numpy_helper.to_array(next(i for i in graph.initializer if i.name == f"{name}_scale"))
+    expected = torch.from_numpy(weight / scale.reshape(-1, 1, 1, 1)).to(torch.float8_e4m3fn)
+    stored = np.frombuffer(fp8[f"{name}_fp8"].raw_data, dtype=np.uint8).reshape(weight.shape)
+    np.testing.assert_array_equal(stored, expected.view(torch.uint8).numpy())
+
+
+def test_int8_is_qdq_and_can_keep_sensitive_layers_in_float(exports, distilled_run, tmp_path):
+    ops = [n.op_type for n in onnx.load(exports["int8"].path).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    results = export_checkpoint(ExportPlan(distilled_run / "best.pt", ["int8"], tmp_path, calibration_images=12,
+                                           keep_float=["stem", "classifier"]))
+    graph = onnx.load(results[-1].path).graph
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert producers.get(first_conv.input[0]) != "DequantizeLinear"  # the stem reads float input
+
+
+def test_a_failed_export_never_replaces_a_good_file(exports, distilled_run, tmp_path, monkeypatch):
+    target = tmp_path / "tiny_student.fp32.onnx"
+    shutil.copy(exports["fp32"].path, target)
+    before = target.read_bytes()
+    monkeypatch.setattr(exporter_module, "FP32_TOLERANCE", -1.0)  # every comparison now fails
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_checkpoint(ExportPlan(distilled_run / "best.pt", ["fp32"], tmp_path))
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_student.fp32.onnx"]
+
+
+def test_export_without_a_path_takes_the_newest_distilled_run(distilled_run, monkeypatch):
+    monkeypatch.setenv("EDGEKD_ARTIFACTS", str(distilled_run.parent))
+    result = CliRunner().invoke(cli, ["export", "--calibration-images", "12"])
+    assert result.exit_code == 0, result.output
+    assert f"using the newest distilled run: {distilled_run}" in result.output
+    assert (distilled_run / "exports" / "tiny_student.fp32.onnx").is_file()
+    assert "x fp32" in result.output
+
+
+def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "nope.pt"), "--int8"])
+    assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["export"])
+    assert result.exit_code == 1 and "no distilled run" in result.output
