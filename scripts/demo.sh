@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default dataset: real Fashion-MNIST from Debian's package.
-# Each stage is one edgekd command; later stages (export, validate, classify) join as they land.
+# Each stage is one edgekd command; later stages (validate) join as they land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-edgekd="${VENV:-.venv}/bin/edgekd"
+venv="${VENV:-.venv}"
+edgekd="$venv/bin/edgekd"
 scripts/ensure-fashion-mnist.sh
 
 echo "== edgekd demo: real Fashion-MNIST (Debian's dataset-fashion-mnist), 28 px, quickstart recipes =="
-echo "== 1/3 train the teacher =="
+echo "== 1/5 train the teacher =="
 "$edgekd" train recipes/quickstart_teacher.yaml "$@"
-echo "== 2/3 distill the student from it =="
+echo "== 2/5 distill the student from it =="
 "$edgekd" distill recipes/quickstart_student.yaml "$@"
-echo "== 3/3 evaluate the student on Fashion-MNIST's test split =="
+echo "== 3/5 evaluate the student on Fashion-MNIST's test split =="
 "$edgekd" evaluate --split test
+echo "== 4/5 export the student to ONNX: fp32 and int8 =="
+"$edgekd" export --int8
+echo "== 5/5 classify real test photos with the int8 file (onnxruntime, no torch) =="
+photos=artifacts/demo-photos
+"$venv/bin/python" scripts/fashion_mnist_photos.py "$photos"
+"$edgekd" classify "$photos"
