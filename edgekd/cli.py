@@ -1,6 +1,6 @@
 """The `edgekd` command: one thin command per stage. Each parses, calls one library function, prints.
 
-Stages are imported inside their command so that `edgekd classify` (later) never pays for torch.
+Stages are imported inside their command, so `edgekd classify` never imports torch.
 """
 
 from __future__ import annotations
@@ -186,10 +186,10 @@ def _newest_run(artifacts, mode: str | None = None) -> Path:
 @click.option("--all", "all_", is_flag=True, help="Export every precision.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: <run>/exports).")
-@click.option("--calibration-images", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Real training images (class-balanced, seeded) that calibrate int8.")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=None,
+              help="Real training images (class-balanced, seeded) that calibrate int8 [recipe: 300].")
 @click.option("--keep-float", multiple=True, type=click.Choice(["stem", "classifier"]),
-              help="Leave these sensitive layers in float in the int8 graph (repeatable).")
+              help="Leave these sensitive layers in float in the int8 graph (repeatable) [recipe: none].")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
               help="Dataset root, if it moved since training.")
 @click.option("--artifacts", type=click.Path(file_okay=False), default=None,
@@ -207,14 +207,76 @@ def export(target, fp16, int8, fp8, all_, out, calibration_images, keep_float, d
     checkpoint = resolve_checkpoint(target) if target else _newest_run(artifacts, mode="distill") / "best.pt"
     wanted = [p for p, flag in zip(PRECISIONS, (True, fp16, int8, fp8)) if flag or all_]
     out_dir = Path(out) if out else checkpoint.parent / "exports"
-    results = export_checkpoint(ExportPlan(checkpoint, wanted, out_dir, calibration_images, list(keep_float),
-                                           data_root))
+    results = export_checkpoint(ExportPlan(checkpoint, wanted, out_dir, calibration_images,
+                                           list(keep_float) or None, data_root))
     fp32_size = results[0].size_bytes
     click.echo(f"\n{'file':<40} {'precision':<9} {'MB':>8} {'x fp32':>7} {'max|dlogit|':>12} {'top-1 agree':>12}")
     for r in results:
         click.echo(f"{str(r.path.name):<40} {r.precision:<9} {r.size_bytes / 1e6:>8.2f} "
                    f"{r.size_bytes / fp32_size:>7.2f} {r.max_abs_logit_diff:>12.2e} {r.agreement:>12.2%}")
     click.echo(f"\nwritten   {out_dir} (compared with PyTorch fp32 on real validation images)")
+
+
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        numbers = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers, e.g. 1,32") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r}: expected positive integers, e.g. 1,32")
+    return numbers
+
+
+def _provider_list(ctx, param, value: str) -> list[str]:
+    providers = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [p for p in providers if p not in ("cpu", "cuda", "tensorrt")]
+    if unknown or not providers:
+        raise click.BadParameter(f"{value!r}: choose from cpu, cuda, tensorrt (comma-separated)")
+    return providers
+
+
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["test", "val"]), default=None,
+              help="Split to measure accuracy on [default: test when the dataset has one, else val].")
+@click.option("--providers", default="cpu,cuda,tensorrt", show_default=True, callback=_provider_list,
+              help="onnxruntime providers; those missing here are listed as skipped.")
+@click.option("--batch", "batch_sizes", default="1,32", show_default=True, callback=_int_list,
+              help="Batch sizes to time.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None,
+              help="Largest accuracy drop (points) any variant may show [recipe: fp32/fp16 0.1, int8/fp8 0.5].")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="Smallest top-1 agreement with PyTorch [recipe: 0.99].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads [default: physical cores].")
+@click.option("--latency-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Time spent timing each batch size, after warm-up.")
+@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None)
+@click.option("--artifacts", type=click.Path(file_okay=False), default=None)
+def validate(run_dir, split, providers, batch_sizes, max_drop, min_agreement, threads, latency_seconds,
+             data_root, artifacts) -> None:
+    """Check every export of a run against its PyTorch original: accuracy, agreement, latency, memory.
+
+    RUN_DIR defaults to the newest distilled run. Exits 1 when any variant breaks its thresholds.
+    """
+    from edgekd.validate import ValidationPlan, validate_run
+    from edgekd.validate.report import terminal_table, write_reports
+
+    run = Path(run_dir) if run_dir else _newest_run(artifacts, mode="distill")
+    result = validate_run(ValidationPlan(run, split, providers, batch_sizes, threads, max_drop, min_agreement,
+                                         latency_seconds, data_root))
+    d = result.device
+    click.echo(f"\n{result.images} images of the {result.split} split; {d['cpu']}, "
+               f"{result.settings['threads']} threads; {', '.join(d['instruction_sets'])}; GPU: {d['gpu']}\n")
+    click.echo(terminal_table(result))
+    for skipped in result.skipped:
+        click.echo(f"skipped   {skipped['variant']} ({skipped['file']}): {skipped['reason']}")
+    paths = write_reports(result, run)
+    click.echo(f"\nwritten   {', '.join(str(p) for p in paths)}")
+    if result.failures:
+        for name, reasons in result.failures.items():
+            click.secho(f"FAIL      {name}: {'; '.join(reasons)}", fg="red", err=True)
+        sys.exit(1)
+    click.echo("every variant is within its thresholds")
 
 
 @cli.command()

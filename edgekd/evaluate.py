@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: 
                         hint="evaluate on --split val, or use `edgekd classify` for unlabeled images")
     result = evaluate_model(model, data_split, payload["class_names"], batch_size or recipe.train.batch_size,
                             torch.device(device))
-    log.info("%s: %s accuracy %.4f on %d images", payload["path"], split, result.accuracy, result.images)
+    log.debug("%s: %s accuracy %.4f on %d images", payload["path"], split, result.accuracy, result.images)
     return result
 
 

@@ -100,6 +100,22 @@ class DistillConfig:
 
 
 @dataclass
+class ExportConfig:
+    # Real training images (class-balanced, seeded) that calibrate int8.
+    calibration_images: int = field(default=300, metadata=_POSITIVE)
+    # Layers the int8 graph keeps in float when it loses too much accuracy: stem, classifier.
+    keep_float: list[str] = field(default_factory=list, metadata=_check(
+        lambda v: set(v) <= {"stem", "classifier"}, "may only name stem and classifier"))
+    # The validate gate: largest accuracy drop against PyTorch fp32 (percentage points) per precision,
+    # and the smallest top-1 agreement with PyTorch.
+    max_drop_fp32: float = field(default=0.1, metadata=_NON_NEGATIVE)
+    max_drop_fp16: float = field(default=0.1, metadata=_NON_NEGATIVE)
+    max_drop_int8: float = field(default=0.5, metadata=_NON_NEGATIVE)
+    max_drop_fp8: float = field(default=0.5, metadata=_NON_NEGATIVE)
+    min_agreement: float = field(default=0.99, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+
+
+@dataclass
 class Recipe:
     name: str
     description: str = ""
@@ -108,6 +124,7 @@ class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     precision: str = field(default="fp32", metadata=_choices(*PRECISIONS))
     # The file it was loaded from (not a key).
     source: str | None = field(default=None, compare=False)
@@ -122,7 +139,7 @@ class Recipe:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "teacher": TeacherConfig, "train": TrainConfig,
-            "distill": DistillConfig}
+            "distill": DistillConfig, "export": ExportConfig}
 TOP_LEVEL = ("name", "description", "precision", *SECTIONS)
 # Spellings users reach for, mapped to the schema's names.
 ALIASES = {("distill", "T"): "temperature", ("train", "learning_rate"): "lr"}

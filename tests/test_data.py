@@ -182,3 +182,14 @@ def test_decoding_in_worker_processes_gives_the_same_cache(tmp_path):
     serial = open_dataset(config(root, cache_dir=str(tmp_path / "c1")), splits=("train",))
     parallel = open_dataset(config(root, cache_dir=str(tmp_path / "c2")), splits=("train",), workers=2)
     np.testing.assert_array_equal(serial.splits["train"].images, parallel.splits["train"].images)
+
+
+def test_the_cache_holds_exactly_what_the_runtime_decoder_returns(tmp_path):
+    from edgekd.runtime.preprocess import load_rgb
+
+    root = tmp_path / "d"
+    make_image_folder(root / "train", per_class=2)
+    make_image_folder(root / "val", per_class=2, seed=5)
+    split = open_dataset(config(root, image_size=24), splits=("val",)).splits["val"]
+    first_file = sorted((root / "val" / "buildings").iterdir())[0]
+    np.testing.assert_array_equal(split.take(np.arange(1))[0][0], load_rgb(first_file, 24))

@@ -119,3 +119,15 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["export"])
     assert result.exit_code == 1 and "no distilled run" in result.output
+
+
+def test_fp8_uses_scales_learnt_in_fp8_training_when_the_checkpoint_has_them(distilled_run, tmp_path):
+    payload = torch.load(distilled_run / "best.pt", weights_only=True)
+    name = "net.stem.0.weight"
+    learnt = torch.full((payload["state_dict"][name].shape[0],), 0.0123)
+    payload["fp8_weight_scales"] = {name: learnt}
+    torch.save(payload, tmp_path / "fp8_trained.pt")
+    results = export_checkpoint(ExportPlan(tmp_path / "fp8_trained.pt", ["fp8"], tmp_path / "out"))
+    graph = onnx.load(results[-1].path).graph
+    scale = next(i for i in graph.initializer if i.name == f"{name}_scale")
+    np.testing.assert_allclose(onnx.numpy_helper.to_array(scale), learnt.numpy())

@@ -51,8 +51,8 @@ class ExportPlan:
     checkpoint: Path
     precisions: list[str]
     out_dir: Path
-    calibration_images: int = 300
-    keep_float: list[str] = field(default_factory=list)
+    calibration_images: int | None = None  # None: the recipe's export.calibration_images
+    keep_float: list[str] | None = None  # None: the recipe's export.keep_float
     data_root: str | None = None
 
 
@@ -61,7 +61,11 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     from edgekd.train.checkpoint import file_sha256, load_model
 
     model, payload = load_model(plan.checkpoint)
-    dataset = _dataset_for(payload, plan.data_root)
+    recipe, dataset = _dataset_for(payload, plan.data_root)
+    if plan.calibration_images is None:
+        plan.calibration_images = recipe.export.calibration_images
+    if plan.keep_float is None:
+        plan.keep_float = list(recipe.export.keep_float)
     reference_pixels = _sample(dataset.splits["val"], 256, seed=0, balanced=False)
     reference = torch_logits(model, reference_pixels)
     fp32, exporter = export_fp32(model, payload["image_size"])
@@ -79,7 +83,7 @@ def _dataset_for(payload: dict, data_root: str | None):
     recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
     if data_root:
         recipe.data.root = str(Path(data_root).expanduser().absolute())
-    return open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
+    return recipe, open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
 
 
 def _sample(split, count: int, seed: int, balanced: bool) -> np.ndarray:
@@ -100,14 +104,25 @@ def _convert(precision: str, fp32: onnx.ModelProto, plan: ExportPlan, dataset, f
         return fp32
     if precision == "fp16":
         if "cuda" not in available_providers():
-            log.warning("fp16 is for GPU and NPU runtimes: on onnxruntime's CPU provider it runs slower than "
-                        "fp32 (no CUDA provider on this machine)")
+            log.warning("fp16 is for GPU and NPU runtimes; this machine has no CUDA provider, and onnxruntime's "
+                        "CPU provider runs fp16 no faster than fp32")
         return to_fp16(fp32)
     if precision == "int8":
         calibration = _sample(dataset.splits["train"], plan.calibration_images, seed=0, balanced=True)
         log.info("int8: calibrating on %d real training images (class-balanced, seed 0)", len(calibration))
         return to_int8(fp32_path, calibration, plan.keep_float)
-    return to_fp8(fp32)
+    return to_fp8(fp32, _trained_fp8_scales(plan.checkpoint))
+
+
+def _trained_fp8_scales(checkpoint: Path) -> dict[str, np.ndarray] | None:
+    """Per-channel weight scales learnt by fp8 training, keyed like the ONNX initializers (model.<param>)."""
+    from edgekd.train.checkpoint import read_checkpoint
+
+    scales = read_checkpoint(checkpoint).get("fp8_weight_scales")
+    if not scales:
+        return None
+    log.info("fp8: using the %d weight scales learnt in fp8 training", len(scales))
+    return {name: np.asarray(scale, dtype=np.float32).reshape(-1) for name, scale in scales.items()}
 
 
 def _model_info(payload: dict, sha256: str, exporter: str, opset: int) -> ModelInfo:

@@ -53,7 +53,7 @@ class _CalibrationReader:
     """Feeds real training images to onnxruntime's calibrator, 32 at a time."""
 
     def __init__(self, input_name: str, pixels: np.ndarray):
-        self.batches = iter([{input_name: as_input(pixels[i:i + 32])} for i in range(0, len(pixels), 32)])
+        self.batches = iter([{input_name: as_input(pixels[i:i + 1])} for i in range(len(pixels))])
 
     def get_next(self):
         return next(self.batches, None)

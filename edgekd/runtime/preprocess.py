@@ -60,7 +60,7 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     """An RGB image as a (size, size, 3) uint8 array."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
 def load_rgb(path: str | Path, size: int) -> np.ndarray:

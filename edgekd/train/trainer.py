@@ -304,7 +304,7 @@ def _load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset
                               hint=f"--set data.image_size={meta['image_size']}")
     for param in teacher.parameters():
         param.requires_grad = False
-    log.info("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
+    log.debug("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
     return teacher, meta
 
 

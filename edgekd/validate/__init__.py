@@ -1,0 +1,158 @@
+"""`edgekd validate`: every export against the PyTorch original, on every onnxruntime provider, as a gate.
+
+Rows: PyTorch fp32 (CPU, and CUDA when present) and each exported file on each requested provider;
+providers this machine lacks are listed as skipped with the reason. Each row is measured in its own
+process (load time, peak memory, latency percentiles at each batch size) and compared with the PyTorch
+CPU row (accuracy change, top-1 agreement, probability differences, worst class).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+from edgekd.validate.compare import Gate, compare
+from edgekd.validate.measure import Settings, Variant, measure
+
+log = logging.getLogger(__name__)
+
+PRECISION_ORDER = ("fp32", "fp16", "int8", "fp8")
+TEACHER_ROW = "teacher pytorch fp32 · cpu"  # context only: not gated
+
+
+@dataclass
+class ValidationPlan:
+    run_dir: Path
+    split: str | None = None  # None: test when the dataset has one, else val
+    providers: list[str] = field(default_factory=lambda: ["cpu", "cuda", "tensorrt"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    threads: int | None = None  # None: the physical core count
+    max_drop_pts: float | None = None  # None: the recipe's export.max_drop_<precision>
+    min_agreement: float | None = None
+    latency_seconds: float = 2.0
+    data_root: str | None = None
+
+
+@dataclass
+class Validation:
+    split: str
+    images: int
+    rows: list[dict]
+    skipped: list[dict]
+    failures: dict[str, list[str]]  # variant name → reasons
+    gate: dict
+    device: dict
+    settings: dict
+
+
+def _split_pixels(payload: dict, plan: ValidationPlan) -> tuple[str, np.ndarray, np.ndarray]:
+    from edgekd.data import open_dataset
+    from edgekd.data.sources import has_split
+    from edgekd.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
+    if plan.data_root:
+        recipe.data.root = str(Path(plan.data_root).expanduser().absolute())
+    split = plan.split or ("test" if has_split(recipe.data, "test") else "val")
+    dataset = open_dataset(recipe.data, splits=(split,), workers=recipe.train.workers)
+    pixels, labels = dataset.splits[split].take(np.arange(len(dataset.splits[split])))
+    if labels is None:
+        raise EdgekdError(f"the {split} split has no labels", hint="validate on --split val")
+    return split, np.ascontiguousarray(pixels), labels
+
+
+def _gate(payload: dict, plan: ValidationPlan) -> Gate:
+    from edgekd.recipe import recipe_from_dict
+
+    export = recipe_from_dict(payload["recipe"]).export
+    drops = {p: getattr(export, f"max_drop_{p}") for p in PRECISION_ORDER}
+    if plan.max_drop_pts is not None:
+        drops = {p: plan.max_drop_pts for p in PRECISION_ORDER}
+    return Gate(drops, export.min_agreement if plan.min_agreement is None else plan.min_agreement)
+
+
+def _pytorch_variants(checkpoint: Path, teacher: dict | None, cuda: bool) -> list[Variant]:
+    """The student in PyTorch (the reference), on CUDA too when present, and its teacher for context."""
+    size = checkpoint.stat().st_size
+    variants = [Variant("pytorch fp32 · cpu", "pytorch", str(checkpoint), "fp32", "cpu", size)]
+    if cuda:
+        variants.append(Variant("pytorch fp32 · cuda", "pytorch", str(checkpoint), "fp32", "cuda", size))
+    if teacher and Path(teacher["checkpoint"]).is_file():
+        path = Path(teacher["checkpoint"])
+        variants.append(Variant(TEACHER_ROW, "pytorch", str(path), "fp32", "cpu", path.stat().st_size))
+    return variants
+
+
+def _onnx_variants(plan: ValidationPlan) -> tuple[list[Variant], list[dict]]:
+    """Every exported file on every requested provider; providers missing here become skipped rows."""
+    from edgekd.runtime.model_info import model_info_from_metadata
+    from edgekd.runtime.session import available_providers, open_session
+
+    exports = sorted((plan.run_dir / "exports").glob("*.onnx"))
+    if not exports:
+        raise EdgekdError(f"no exported model in {plan.run_dir / 'exports'}", hint="run `edgekd export --all` first")
+    offered = available_providers()
+    variants, skipped = [], []
+    for path in exports:
+        metadata = dict(open_session(path).get_modelmeta().custom_metadata_map)
+        precision = model_info_from_metadata(metadata, str(path)).precision
+        for provider in plan.providers:
+            name = f"{precision} · {provider}"
+            if provider in offered:
+                variants.append(Variant(name, "onnx", str(path), precision, provider, path.stat().st_size))
+            else:
+                skipped.append({"variant": name, "file": path.name, "reason": f"no {provider} provider in this "
+                                f"onnxruntime build (it offers {', '.join(offered)})"})
+    variants.sort(key=lambda v: (PRECISION_ORDER.index(v.precision), v.provider))
+    return variants, skipped
+
+
+def _measure_in_fresh_process(variant: Variant, settings: Settings) -> dict:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, variant, settings).result()
+
+
+def validate_run(plan: ValidationPlan) -> Validation:
+    import torch
+
+    from edgekd.train.checkpoint import read_checkpoint
+    from edgekd.validate.device import fingerprint
+
+    checkpoint = plan.run_dir / "best.pt"
+    payload = read_checkpoint(checkpoint)
+    split, pixels, labels = _split_pixels(payload, plan)
+    cuda = torch.cuda.is_available()
+    device = fingerprint(torch.cuda.get_device_name(0) if cuda else None)
+    threads = plan.threads or device["physical_cores"]
+    onnx_variants, skipped = _onnx_variants(plan)
+    variants = _pytorch_variants(checkpoint, payload.get("teacher"), cuda) + onnx_variants
+    gate = _gate(payload, plan)
+    rows, failures = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(str(Path(tmp) / "pixels.npy"), plan.batch_sizes, threads, plan.latency_seconds)
+        np.save(settings.pixels_file, pixels)
+        reference = None
+        for variant in variants:
+            log.info("measuring %s (%s)", variant.name, Path(variant.path).name)
+            measured = _measure_in_fresh_process(variant, settings)
+            reference = measured["logits"] if reference is None else reference
+            row = {"variant": variant.name, "precision": variant.precision, "provider": variant.provider,
+                   "runtime": "PyTorch eager" if variant.kind == "pytorch" else "onnxruntime",
+                   "gated": variant.name != TEACHER_ROW and variant is not variants[0],
+                   "file": Path(variant.path).name, "file_mb": variant.file_bytes / 1e6,
+                   **compare(measured["logits"], reference, labels, payload["class_names"]),
+                   **{k: v for k, v in measured.items() if k != "logits"}}
+            rows.append(row)
+            if row is not rows[0] and variant.name != TEACHER_ROW and gate.failures(row):
+                failures[variant.name] = gate.failures(row)
+    return Validation(split, len(labels), rows, skipped, failures,
+                      {"max_drop_pts": gate.max_drop_pts, "min_agreement": gate.min_agreement}, device,
+                      {"threads": threads, "batch_sizes": plan.batch_sizes, "latency_seconds": plan.latency_seconds,
+                       "reference": rows[0]["variant"]})
