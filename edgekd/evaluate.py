@@ -7,13 +7,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekd.data import Split, open_dataset
+from edgekd.data import Split
 from edgekd.errors import DataError
-from edgekd.recipe import recipe_from_dict
 from edgekd.train.batches import iter_batches
 
 log = logging.getLogger(__name__)
@@ -65,16 +63,10 @@ def evaluate_model(model: torch.nn.Module, split: Split, class_names: list[str],
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: str | None = None,
                         batch_size: int | None = None, device: str = "cpu") -> Evaluation:
     """Rebuild the model from its checkpoint and the dataset from the recipe stored inside it."""
-    from edgekd.train.checkpoint import load_model
+    from edgekd.train.checkpoint import checkpoint_dataset, load_model
 
     model, payload = load_model(checkpoint, device)
-    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
-    if data_root:
-        recipe.data.root = str(Path(data_root).expanduser().absolute())
-    dataset = open_dataset(recipe.data, splits=(split,), workers=recipe.train.workers)
-    if dataset.class_names != payload["class_names"]:
-        raise DataError(f"the dataset's classes {dataset.class_names} differ from the checkpoint's "
-                        f"{payload['class_names']}", hint="point --data at the dataset the model was trained on")
+    recipe, dataset = checkpoint_dataset(payload, (split,), data_root)
     data_split = dataset.splits[split]
     if data_split.labels is None:
         raise DataError(f"the {split} split has no labels (its images are not in class folders)",

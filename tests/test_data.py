@@ -48,7 +48,7 @@ def test_seed001_layout_with_unlabeled_test_folder(tmp_path):
     assert len(dataset.splits["val"]) == 6
     assert dataset.splits["test"].labels is None
     with pytest.raises(DataError, match="no labels"):
-        dataset.splits["test"].row_labels
+        _ = dataset.splits["test"].row_labels
 
 
 def test_corrupt_images_are_skipped_with_one_warning_each_and_counted(tmp_path, caplog):

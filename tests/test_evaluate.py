@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import make_image_folder, write_recipe
+from conftest import make_image_folder
 from edgekd.errors import CheckpointError, DataError
 from edgekd.evaluate import evaluate_checkpoint
 from edgekd.recipe import load_recipe

@@ -130,8 +130,9 @@ def _list_labeled(folder: Path, class_names: list[str], split: str) -> tuple[lis
         class_dir = folder / name
         files = sorted(p for p in class_dir.iterdir() if _is_image(p)) if class_dir.is_dir() else []
         if not files and split == "train":
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
             raise DataError(f"class folder {class_dir} holds no images",
-                            hint=f"add images or remove the folder; image files end in {', '.join(sorted(IMAGE_SUFFIXES))}")
+                            hint=f"add images or remove the folder; image files end in {suffixes}")
         paths += files
         labels += [index[name]] * len(files)
     return paths, np.asarray(labels, dtype=np.int64)

@@ -17,11 +17,9 @@ import numpy as np
 import onnx
 
 import edgekd
-from edgekd.data import open_dataset
 from edgekd.errors import EdgekdError
 from edgekd.export.onnx_fp32 import INPUT_NAME, export_fp32, opset_of, torch_logits
 from edgekd.export.precisions import to_fp8, to_fp16, to_int8
-from edgekd.recipe import recipe_from_dict
 from edgekd.runs import atomic_write
 from edgekd.runtime.model_info import ModelInfo
 from edgekd.runtime.session import available_providers, open_session, run_logits
@@ -58,10 +56,10 @@ class ExportPlan:
 
 def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     """Export fp32 (always: it is the reference the others derive from) and the requested precisions."""
-    from edgekd.train.checkpoint import file_sha256, load_model
+    from edgekd.train.checkpoint import checkpoint_dataset, file_sha256, load_model
 
     model, payload = load_model(plan.checkpoint)
-    recipe, dataset = _dataset_for(payload, plan.data_root)
+    recipe, dataset = checkpoint_dataset(payload, ("train", "val"), plan.data_root)
     if plan.calibration_images is None:
         plan.calibration_images = recipe.export.calibration_images
     if plan.keep_float is None:
@@ -77,13 +75,6 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
         graph = _convert(precision, fp32, plan, dataset, path.with_name(f"{stem}.fp32.onnx"))
         results.append(_write_checked(graph, path, info, precision, reference_pixels, reference))
     return results
-
-
-def _dataset_for(payload: dict, data_root: str | None):
-    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
-    if data_root:
-        recipe.data.root = str(Path(data_root).expanduser().absolute())
-    return recipe, open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
 
 
 def _sample(split, count: int, seed: int, balanced: bool) -> np.ndarray:

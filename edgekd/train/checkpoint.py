@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import edgekd
-from edgekd.errors import CheckpointError
+from edgekd.errors import CheckpointError, DataError
 from edgekd.models import Classifier, create_model
+from edgekd.recipe import Recipe, recipe_from_dict
 from edgekd.runs import atomic_write
 
 FORMAT = "edgekd.checkpoint"
@@ -70,6 +72,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Cl
     model = build_model(payload)
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
+
+
+def stored_recipe(payload: dict[str, Any], data_root: str | None = None) -> Recipe:
+    """The resolved recipe a checkpoint carries, its dataset root moved to `data_root` when given."""
+    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
+    if data_root:
+        recipe.data.root = os.path.abspath(Path(data_root).expanduser())
+    return recipe
+
+
+def checkpoint_dataset(payload: dict[str, Any], splits: tuple[str, ...], data_root: str | None = None):
+    """The checkpoint's recipe and the requested splits of its dataset, checked against its classes."""
+    from edgekd.data import open_dataset
+
+    recipe = stored_recipe(payload, data_root)
+    dataset = open_dataset(recipe.data, splits=splits, workers=recipe.train.workers)
+    if dataset.class_names != payload["class_names"]:
+        raise DataError(f"the dataset's classes {dataset.class_names} differ from the checkpoint's "
+                        f"{payload['class_names']}", hint="point --data at the dataset the model was trained on")
+    return recipe, dataset
 
 
 def file_sha256(path: str | Path) -> str:

@@ -53,15 +53,11 @@ class Validation:
 
 
 def _split_pixels(payload: dict, plan: ValidationPlan) -> tuple[str, np.ndarray, np.ndarray]:
-    from edgekd.data import open_dataset
     from edgekd.data.sources import has_split
-    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import checkpoint_dataset, stored_recipe
 
-    recipe = recipe_from_dict(payload["recipe"], origin=f"{payload['path']} (stored recipe)")
-    if plan.data_root:
-        recipe.data.root = str(Path(plan.data_root).expanduser().absolute())
-    split = plan.split or ("test" if has_split(recipe.data, "test") else "val")
-    dataset = open_dataset(recipe.data, splits=(split,), workers=recipe.train.workers)
+    split = plan.split or ("test" if has_split(stored_recipe(payload, plan.data_root).data, "test") else "val")
+    _, dataset = checkpoint_dataset(payload, (split,), plan.data_root)
     pixels, labels = dataset.splits[split].take(np.arange(len(dataset.splits[split])))
     if labels is None:
         raise EdgekdError(f"the {split} split has no labels", hint="validate on --split val")
@@ -69,9 +65,9 @@ def _split_pixels(payload: dict, plan: ValidationPlan) -> tuple[str, np.ndarray,
 
 
 def _gate(payload: dict, plan: ValidationPlan) -> Gate:
-    from edgekd.recipe import recipe_from_dict
+    from edgekd.train.checkpoint import stored_recipe
 
-    export = recipe_from_dict(payload["recipe"]).export
+    export = stored_recipe(payload).export
     drops = {p: getattr(export, f"max_drop_{p}") for p in PRECISION_ORDER}
     if plan.max_drop_pts is not None:
         drops = {p: plan.max_drop_pts for p in PRECISION_ORDER}

@@ -35,7 +35,8 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray, class
     return {"accuracy": accuracy, "accuracy_change_pts": 100 * (accuracy - reference_accuracy),
             "agreement": float((predicted == expected).mean()),
             "max_abs_dprob": float(delta_prob.max()), "mean_abs_dprob": float(delta_prob.mean()),
-            "worst_class": class_names[worst], "worst_class_change_pts": float(100 * np.nan_to_num(class_change[worst]))}
+            "worst_class": class_names[worst],
+            "worst_class_change_pts": float(100 * np.nan_to_num(class_change[worst]))}
 
 
 @dataclass

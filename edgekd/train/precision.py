@@ -1,0 +1,177 @@
+"""Precision policies: what `precision: fp32|bf16|fp16|fp8` means on the device at hand, honestly labelled.
+
+| precision | CUDA                                                  | CPU                                        |
+|-----------|-------------------------------------------------------|--------------------------------------------|
+| fp32      | native                                                | native                                     |
+| bf16      | autocast bfloat16 (native)                            | autocast bfloat16 (native)                 |
+| fp16      | autocast float16 + gradient scaler (native)           | weights and activations rounded to fp16,   |
+|           |                                                       | computed in fp32 (simulated: fp16 conv is  |
+|           |                                                       | ~12x slower than fp32 on this kind of CPU) |
+| fp8       | e4m3 quantise-dequantise of conv/linear weights (per  | the same quantise-dequantise, computed in  |
+|           | output channel) and inputs (per tensor, delayed amax  | fp32 (simulated)                           |
+|           | scaling), straight-through gradients, bf16 compute    |                                            |
+|           | (simulated fp8 storage; no fp8 matmul kernels used)   |                                            |
+
+Fake quantisation swaps the class of each Conv2d/Linear for a subclass with the same parameters, so
+state-dict keys are unchanged and a checkpoint rebuilds as a plain fp32 model (the learnt fp8 scales
+are saved beside the weights for the fp8 export).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgekd.errors import RecipeError
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+AMAX_HISTORY = 16  # steps of activation amax kept for delayed scaling
+
+
+# ----- quantisers (straight-through: forward rounds, backward passes the gradient unchanged) ------------
+
+def _straight_through(x: Tensor, rounded: Tensor) -> Tensor:
+    return x + (rounded - x).detach()
+
+
+def fp16_round(x: Tensor) -> Tensor:
+    return _straight_through(x, x.to(torch.float16).to(x.dtype))
+
+
+def fp8_weight_scale(weight: Tensor) -> Tensor:
+    """Per-output-channel scale (dim 0) mapping each channel's amax to the e4m3 maximum."""
+    amax = weight.detach().abs().flatten(1).amax(dim=1).float()
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def fp8_quantize_dequantize(x: Tensor, scale: Tensor) -> Tensor:
+    """x / scale rounded to float8 e4m3fn (saturating), times scale; straight-through gradient."""
+    shape = [-1] + [1] * (x.dim() - 1) if scale.numel() > 1 else [1] * x.dim()
+    s = scale.to(x.dtype).reshape(shape) if scale.numel() > 1 else scale.to(x.dtype)
+    scaled = (x / s).clamp(-FP8_MAX, FP8_MAX)
+    rounded = scaled.to(torch.float8_e4m3fn).to(x.dtype) * s
+    return _straight_through(x, rounded)
+
+
+class _ActivationScale:
+    """Per-tensor input scale from the amax of the last AMAX_HISTORY training steps (delayed scaling)."""
+
+    def __init__(self) -> None:
+        self.history: list[float] = []
+
+    def scale(self, x: Tensor, training: bool) -> Tensor:
+        if training or not self.history:
+            self.history = (self.history + [float(x.detach().abs().max())])[-AMAX_HISTORY:]
+        amax = max(self.history)
+        return torch.tensor(amax / FP8_MAX if amax > 0 else 1.0, device=x.device)
+
+
+# ----- fake-quantised layers ----------------------------------------------------------------------------
+
+class _FakeQuant:
+    """Mixed into Conv2d/Linear by swapping __class__; `fake_mode` is fp16 or fp8."""
+
+    fake_mode: str
+
+    def _quantized(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.fake_mode == "fp16":
+            return fp16_round(x), fp16_round(self.weight)
+        x_scale = self._input_scale.scale(x, self.training)
+        return fp8_quantize_dequantize(x, x_scale), fp8_quantize_dequantize(self.weight, fp8_weight_scale(self.weight))
+
+
+class FakeQuantConv2d(_FakeQuant, nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        x, weight = self._quantized(x)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class FakeQuantLinear(_FakeQuant, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        x, weight = self._quantized(x)
+        return F.linear(x, weight, self.bias)
+
+
+_FAKE = {nn.Conv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear}
+
+
+def add_fake_quant(model: nn.Module, mode: str) -> list[str]:
+    """Make every Conv2d/Linear of `model` round its weights and inputs; returns their names."""
+    names = []
+    for name, module in model.named_modules():
+        fake = _FAKE.get(type(module))
+        if fake is not None:
+            module.__class__ = fake
+            module.fake_mode = mode
+            module._input_scale = _ActivationScale()
+            names.append(name)
+    return names
+
+
+def fp8_scales(model: nn.Module) -> dict[str, Tensor]:
+    """The weight scales (per output channel) of an fp8-trained model, keyed by parameter name."""
+    return {f"{name}.weight": fp8_weight_scale(m.weight).cpu() for name, m in model.named_modules()
+            if isinstance(m, _FakeQuant) and m.fake_mode == "fp8"}
+
+
+# ----- policies -----------------------------------------------------------------------------------------
+
+@dataclass
+class PrecisionPolicy:
+    mode: str
+    device_type: str
+    native: bool
+    detail: str
+    autocast_dtype: torch.dtype | None = None
+    fake_quant: str | None = None  # "fp16" or "fp8": layers round their inputs and weights
+    scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.fake_quant:
+            add_fake_quant(model, self.fake_quant)
+
+    def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "native": self.native, "detail": self.detail}
+
+
+def make_policy(mode: str, device: torch.device) -> PrecisionPolicy:
+    cuda = device.type == "cuda"
+    if mode == "fp32":
+        return PrecisionPolicy("fp32", device.type, True, "fp32 weights and arithmetic")
+    if mode == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise RecipeError("precision bf16: this GPU has no bfloat16 support", hint="use fp16 or fp32")
+        return PrecisionPolicy("bf16", device.type, True, "autocast bfloat16, fp32 master weights and loss",
+                               autocast_dtype=torch.bfloat16)
+    if mode == "fp16" and cuda:
+        return PrecisionPolicy("fp16", "cuda", True, "autocast float16 with a gradient scaler",
+                               autocast_dtype=torch.float16, scaler=torch.amp.GradScaler("cuda"))
+    if mode == "fp16":
+        return PrecisionPolicy("fp16", "cpu", False, "simulated: weights and conv/linear inputs rounded to fp16, "
+                               "computed in fp32 (fp16 arithmetic is far slower than fp32 on CPUs)",
+                               fake_quant="fp16")
+    if mode == "fp8":
+        compute = "bf16 autocast" if cuda else "fp32"
+        return PrecisionPolicy("fp8", device.type, False,
+                               f"simulated: e4m3 quantise-dequantise of conv/linear weights (per channel) and inputs "
+                               f"(per tensor, amax history {AMAX_HISTORY}), straight-through gradients, {compute} "
+                               f"compute", autocast_dtype=torch.bfloat16 if cuda else None, fake_quant="fp8")
+    raise RecipeError(f"precision {mode!r} is not one of fp32, bf16, fp16, fp8")
