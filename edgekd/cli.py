@@ -53,6 +53,9 @@ def _recipe_options(command):
                            help="Continue the newest run of this recipe from its last.pt.")(command)
     command = click.option("--artifacts", type=click.Path(file_okay=False), default=None,
                            help="Where runs live (default: $EDGEKD_ARTIFACTS or ./artifacts).")(command)
+    command = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "fp8"]), default=None,
+                           help="Training precision (overrides the recipe); the run records whether it "
+                                "ran natively or simulated on this device.")(command)
     return click.argument("recipe", type=click.Path(dir_okay=False))(command)
 
 
@@ -68,6 +71,8 @@ def _progress_callbacks(quiet: bool):
             click.echo(f"run       {info['run_dir']} ({info['mode']})")
             click.echo(f"device    {info['device']}, precision {precision['mode']} ({kind}), "
                        f"{info['torch_threads']} torch threads")
+            if precision["mode"] != "fp32":
+                click.echo(f"          {precision['detail']}")
             click.echo(f"dataset   {info['dataset']}")
             if info["skipped_images"]:
                 click.echo(f"skipped   {info['skipped_images']} unreadable image(s) (listed in summary.json)")
@@ -102,12 +107,12 @@ def _progress_callbacks(quiet: bool):
     return Printer()
 
 
-def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, quiet: bool) -> None:
+def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, precision, quiet: bool) -> None:
     from edgekd.recipe import load_recipe
     from edgekd.runs import artifacts_root
     from edgekd.train.trainer import run
 
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(recipe_path, [*overrides, *([f"precision={precision}"] if precision else [])])
     root = artifacts_root(artifacts)
     try:
         summary = run(recipe, mode, root, resume=resume, callbacks=_progress_callbacks(quiet))
@@ -121,17 +126,17 @@ def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, 
 @cli.command()
 @_recipe_options
 @click.pass_obj
-def train(obj, recipe, overrides, resume, artifacts) -> None:
+def train(obj, recipe, overrides, resume, artifacts, precision) -> None:
     """Train a model (a teacher) on a recipe's dataset with cross-entropy."""
-    _run_stage("train", recipe, overrides, resume, artifacts, obj["quiet"])
+    _run_stage("train", recipe, overrides, resume, artifacts, precision, obj["quiet"])
 
 
 @cli.command()
 @_recipe_options
 @click.pass_obj
-def distill(obj, recipe, overrides, resume, artifacts) -> None:
+def distill(obj, recipe, overrides, resume, artifacts, precision) -> None:
     """Distill a student from the recipe's teacher: α·T²·KL + (1−α)·CE."""
-    _run_stage("distill", recipe, overrides, resume, artifacts, obj["quiet"])
+    _run_stage("distill", recipe, overrides, resume, artifacts, precision, obj["quiet"])
 
 
 @cli.command()
@@ -143,7 +148,9 @@ def distill(obj, recipe, overrides, resume, artifacts) -> None:
 @click.option("--artifacts", type=click.Path(file_okay=False), default=None,
               help="Where runs live, to find the newest one (default: $EDGEKD_ARTIFACTS or ./artifacts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json) -> None:
+@click.option("--int8-head", is_flag=True,
+              help="Hold the classifier's Linear layers in bitsandbytes int8 (Linear8bitLt) while evaluating.")
+def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json, int8_head) -> None:
     """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a split.
 
     CHECKPOINT is a .pt file or a run folder (its best.pt); without it, the newest run under artifacts/.
@@ -154,13 +161,14 @@ def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json) -> No
     from edgekd.train.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint) if checkpoint else _newest_run(artifacts) / "best.pt"
-    result = evaluate_checkpoint(path, split, data_root, batch_size)
+    result = evaluate_checkpoint(path, split, data_root, batch_size, int8_head=int8_head)
     atomic_write_json(path.parent / f"eval_{split}.json", {"checkpoint": str(path), **result.to_dict()})
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
+    weights = "fp32 weights, classifier Linear layers in bitsandbytes int8" if int8_head else "fp32 weights"
     click.echo(f"{path}: {split} accuracy {result.accuracy:.2%} on {result.images} images "
-               f"(loss {result.loss:.4f})\n")
+               f"(loss {result.loss:.4f}; {weights})\n")
     click.echo(confusion_table(result))
     click.echo(f"\nwritten   {path.parent / f'eval_{split}.json'}")
 

@@ -61,11 +61,21 @@ def evaluate_model(model: torch.nn.Module, split: Split, class_names: list[str],
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: str | None = None,
-                        batch_size: int | None = None, device: str = "cpu") -> Evaluation:
-    """Rebuild the model from its checkpoint and the dataset from the recipe stored inside it."""
+                        batch_size: int | None = None, device: str = "cpu", int8_head: bool = False) -> Evaluation:
+    """Rebuild the model from its checkpoint and the dataset from the recipe stored inside it.
+
+    The weights are evaluated in fp32 (a model trained at fp16/fp8 is evaluated as it is exported); with
+    `int8_head` the classifier's Linear layers are held in bitsandbytes' int8 form (Linear8bitLt).
+    """
     from edgekd.train.checkpoint import checkpoint_dataset, load_model
 
     model, payload = load_model(checkpoint, device)
+    if int8_head:
+        from edgekd.train.precision import int8_linear_layers
+        from edgekd.train.trainer import bitsandbytes_module
+
+        converted = int8_linear_layers(model.net.head, bitsandbytes_module())
+        log.info("classifier: %d Linear layer(s) held in bitsandbytes int8 (Linear8bitLt)", converted)
     recipe, dataset = checkpoint_dataset(payload, (split,), data_root)
     data_split = dataset.splits[split]
     if data_split.labels is None:

@@ -20,7 +20,7 @@ import yaml
 
 from edgekd.errors import RecipeError
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 
 def _choices(*values: str) -> dict:
@@ -75,7 +75,8 @@ class TeacherConfig:
 
 @dataclass
 class TrainConfig:
-    optimizer: str = field(default="adam", metadata=_choices("adam", "adamw", "sgd"))
+    # adam8bit: bitsandbytes' 8-bit Adam (seed 000's library), on CPU (bitsandbytes >= 0.50) and CUDA.
+    optimizer: str = field(default="adam", metadata=_choices("adam", "adamw", "sgd", "adam8bit"))
     lr: float = field(default=1e-3, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
     momentum: float = field(default=0.9, metadata=_NON_NEGATIVE)
@@ -125,6 +126,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    # fp32, bf16, fp16 or fp8; what runs natively and what is simulated depends on the device
+    # (edgekd/train/precision.py) and is recorded with every run.
     precision: str = field(default="fp32", metadata=_choices(*PRECISIONS))
     # The file it was loaded from (not a key).
     source: str | None = field(default=None, compare=False)

@@ -30,7 +30,7 @@ def test_misspelt_section_and_model_argument(tmp_path):
 
 
 @pytest.mark.parametrize("section, key, value, message", [
-    ("train", "optimizer", "adamm", "'adamm' is not one of adam, adamw, sgd; did you mean adam"),
+    ("train", "optimizer", "adamm", "'adamm' is not one of adam, adamw, sgd, adam8bit; did you mean adam"),
     ("distill", "alpha", 1.5, "distill.alpha: 1.5 must be in [0, 1]"),
     ("distill", "temperature", 0, "distill.temperature: 0.0 must be > 0"),
     ("train", "lr", -0.1, "train.lr: -0.1 must be > 0"),

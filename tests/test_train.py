@@ -62,7 +62,7 @@ def test_train_writes_a_self_describing_run(tmp_path, teacher_recipe):
     summary = run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts")
     run_dir = tmp_path / "artifacts" / "tiny_teacher"
     assert summary["status"] == "finished" and summary["epochs_done"] == 2
-    assert summary["precision"] == {"mode": "fp32", "native": True} and summary["device"] == "cpu"
+    assert summary["precision"]["mode"] == "fp32" and summary["precision"]["native"] and summary["device"] == "cpu"
     records = MetricsLog(run_dir / "metrics.jsonl").read()
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"train_loss", "val_loss", "val_acc", "seconds", "images_per_s", "precision"} <= set(records[0])

@@ -112,6 +112,17 @@ def add_fake_quant(model: nn.Module, mode: str) -> list[str]:
     return names
 
 
+def amax_histories(model: nn.Module) -> dict[str, list[float]]:
+    """The fp8 input-scale histories, so a resumed run scales exactly as an uninterrupted one."""
+    return {name: list(m._input_scale.history) for name, m in model.named_modules() if isinstance(m, _FakeQuant)}
+
+
+def load_amax_histories(model: nn.Module, histories: dict[str, list[float]]) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, _FakeQuant) and name in histories:
+            module._input_scale.history = list(histories[name])
+
+
 def fp8_scales(model: nn.Module) -> dict[str, Tensor]:
     """The weight scales (per output channel) of an fp8-trained model, keyed by parameter name."""
     return {f"{name}.weight": fp8_weight_scale(m.weight).cpu() for name, m in model.named_modules()
@@ -175,3 +186,22 @@ def make_policy(mode: str, device: torch.device) -> PrecisionPolicy:
                                f"(per tensor, amax history {AMAX_HISTORY}), straight-through gradients, {compute} "
                                f"compute", autocast_dtype=torch.bfloat16 if cuda else None, fake_quant="fp8")
     raise RecipeError(f"precision {mode!r} is not one of fp32, bf16, fp16, fp8")
+
+
+def int8_linear_layers(module: nn.Module, bitsandbytes) -> int:
+    """Hold every nn.Linear under `module` in bitsandbytes' 8-bit form (Linear8bitLt, int8 weights), for
+    evaluation; returns how many layers were converted."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            int8 = bitsandbytes.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                                has_fp16_weights=False, threshold=0.0)
+            int8.weight = bitsandbytes.nn.Int8Params(child.weight.data.clone(), requires_grad=False,
+                                                     has_fp16_weights=False)
+            if child.bias is not None:
+                int8.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, name, int8.to(child.weight.device))
+            count += 1
+        else:
+            count += int8_linear_layers(child, bitsandbytes)
+    return count

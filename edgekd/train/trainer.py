@@ -28,6 +28,7 @@ from edgekd.runs import MetricsLog, atomic_write_json, atomic_write_text, latest
 from edgekd.train.batches import batch_count, iter_batches
 from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
 from edgekd.train.losses import ce_loss, kd_loss
+from edgekd.train.precision import PrecisionPolicy, amax_histories, fp8_scales, load_amax_histories, make_policy
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,30 @@ def resolve_teacher(recipe: Recipe, artifacts: Path) -> Path:
     raise RecipeError(f"{recipe.source}: distillation needs a teacher: set teacher.checkpoint or teacher.recipe")
 
 
+def bitsandbytes_module():
+    """bitsandbytes, or a RecipeError saying how to get a version that runs here."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        raise RecipeError("train.optimizer adam8bit needs bitsandbytes, which is not installed",
+                          hint="pip install 'bitsandbytes>=0.50' (part of edgekd[train])") from None
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if not torch.cuda.is_available() and (major, minor) < (0, 50):
+        raise RecipeError(f"bitsandbytes {version} has no CPU 8-bit optimizers and there is no CUDA device",
+                          hint="pip install 'bitsandbytes>=0.50'")
+    # bitsandbytes warns on first use that optional 4-bit CPU kernels are missing; edgekd uses none of them.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
     cfg = recipe.train
+    if cfg.optimizer == "adam8bit":
+        return bitsandbytes_module().optim.Adam8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -137,7 +160,8 @@ class Trainer:
         self.history: list[dict] = []
         self.started = _now()
         self.frozen = recipe.model.freeze == "backbone"
-        self.precision = {"mode": recipe.precision, "native": True}
+        self.policy: PrecisionPolicy = make_policy(recipe.precision, device)
+        self.precision = self.policy.describe()
 
     # ----- set-up -------------------------------------------------------------------------------------
 
@@ -149,6 +173,7 @@ class Trainer:
             load_pretrained(net, cfg.pretrained)
         if self.frozen:
             freeze_backbone(net)
+        self.policy.prepare(net)
         self.model = Classifier(net, mean, std).to(self.device)
         self.meta = describe_model(cfg.name, cfg.args, self.dataset.class_names, self.dataset.image_size, mean, std)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -162,6 +187,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.policy.scaler is not None and state.get("grad_scaler"):
+            self.policy.scaler.load_state_dict(state["grad_scaler"])
+        load_amax_histories(self.model, state.get("amax_histories") or {})
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -207,8 +235,9 @@ class Trainer:
         train_seconds = time.perf_counter() - start
         if self.scheduler is not None:
             self.scheduler.step()
-        val = evaluate_model(self.model, self.dataset.splits["val"], self.dataset.class_names, cfg.batch_size,
-                             self.device)
+        with self.policy.autocast():  # validation measures the model as it trains: same precision
+            val = evaluate_model(self.model, self.dataset.splits["val"], self.dataset.class_names, cfg.batch_size,
+                                 self.device)
         return {"epoch": epoch, "train_loss": total_loss / seen, "val_loss": val.loss, "val_acc": val.accuracy,
                 "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
                 "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
@@ -216,17 +245,20 @@ class Trainer:
                 "device": self.device.type}
 
     def _step(self, pixels: torch.Tensor, labels: torch.Tensor) -> float:
-        logits = self.model(pixels)
-        if self.teacher_model is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher_model(pixels)
+        with self.policy.autocast():
+            logits = self.model(pixels)
+            teacher_logits = None
+            if self.teacher_model is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_model(pixels)
+        # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
+        if teacher_logits is not None:
             loss = kd_loss(logits, teacher_logits, labels, self.recipe.distill.temperature,
                            self.recipe.distill.alpha)
         else:
             loss = ce_loss(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.policy.backward_and_step(loss, self.optimizer)
         return float(loss.detach())
 
     def _finish_epoch(self, record: dict) -> None:
@@ -247,10 +279,14 @@ class Trainer:
                    "mode": self.mode, "role": "student" if self.mode == "distill" else "teacher",
                    "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"], "precision": self.precision,
                    "run": self.run_dir.name, "teacher": self._teacher_info(), "saved": _now()}
+        if self.policy.fake_quant == "fp8":
+            payload["fp8_weight_scales"] = fp8_scales(self.model)
         if with_train_state:
             payload["train_state"] = {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "grad_scaler": self.policy.scaler.state_dict() if self.policy.scaler is not None else None,
+                "amax_histories": amax_histories(self.model),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "early_stopping": {k: v for k, v in dataclasses.asdict(self.stopper).items() if k != "patience"},
@@ -326,6 +362,7 @@ def _warn_recipe_changes(stored: dict, recipe: Recipe) -> None:
     current = recipe.to_dict()
     changed = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
                for key, value in values.items() if stored.get(section, {}).get(key) != value]
+    changed += [key for key, value in current.items() if not isinstance(value, dict) and stored.get(key) != value]
     if changed:
         log.warning("resuming with a recipe that differs from the run's in: %s", ", ".join(changed))
 
@@ -335,6 +372,9 @@ def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
     """Train (mode "train") or distill (mode "distill") one recipe; returns the run summary."""
     callbacks = callbacks or Callbacks()
     device = resolve_device(recipe.train.device)
+    make_policy(recipe.precision, device)  # an unsupported precision or optimizer fails before any work
+    if recipe.train.optimizer == "adam8bit":
+        bitsandbytes_module()
     if mode == "distill":
         resolve_teacher(recipe, artifacts)  # fail on a missing teacher before decoding any image
     elif recipe.teacher.checkpoint or recipe.teacher.recipe:
