@@ -36,9 +36,9 @@ def predict(model: torch.nn.Module, split: Split, batch_size: int, device: torch
     """Logits (N, C) float32 and labels (N,) for a split, in split order."""
     model.eval()
     logits, labels = [], []
-    for pixels, y in iter_batches(split, batch_size):
-        logits.append(model(pixels.to(device)).float().cpu())
-        labels.append(y)
+    for batch in iter_batches(split, batch_size):
+        logits.append(model(batch.pixels.to(device)).float().cpu())
+        labels.append(batch.labels)
     return torch.cat(logits), torch.cat(labels)
 
 

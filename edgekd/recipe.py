@@ -98,6 +98,10 @@ class DistillConfig:
     temperature: float = field(default=4.0, metadata=_POSITIVE)
     # Weight of the KD term; 1.0 is seed 000's pure KL, seed 001 uses 0.25.
     alpha: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    # Compute the teacher's logits once per dataset instead of on every batch (valid because the
+    # training pixels are the same every epoch). Required when the student's image size differs
+    # from the teacher's.
+    cache_teacher_logits: bool = True
 
 
 @dataclass

@@ -36,9 +36,13 @@ class Split:
             raise DataError(f"the {self.name} split has no labels (its images are not in class folders)")
         return self.labels[self.rows]
 
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """The cache rows at `positions` (indices into this split), sorted so reads go in file order."""
+        return np.sort(self.rows[positions])
+
     def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Images and labels at `positions` (indices into this split), read in file order."""
-        rows = np.sort(self.rows[positions])
+        rows = self.rows_at(positions)
         return self.images[rows], (self.labels[rows] if self.labels is not None else None)
 
 
@@ -49,6 +53,8 @@ class Dataset:
     splits: dict[str, Split]
     skipped: dict[str, list[dict]] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
+    # The decode-once cache entries behind the splits (train's also holds a held-out val).
+    entries: dict[str, CachedSplit] = field(default_factory=dict)
     val_held_out: bool = False
 
     @property
@@ -118,7 +124,7 @@ def open_dataset(config: DataConfig, splits: tuple[str, ...] = ("train", "val"),
     # Without a val folder, val is held out of train: then either one needs the train cache and the hold-out.
     hold_out = not has_split(config, "val") and bool({"train", "val"} & set(splits))
     cached, origins = _cache_splits(config, set(splits) | ({"train"} if hold_out else set()), class_names, workers)
-    dataset = Dataset(config, class_names, {}, {k: v.skipped for k, v in cached.items()}, origins)
+    dataset = Dataset(config, class_names, {}, {k: v.skipped for k, v in cached.items()}, origins, cached)
     for name, split in cached.items():
         dataset.splits[name] = Split(name, split.images, split.labels, np.arange(len(split.ids)))
     if hold_out:

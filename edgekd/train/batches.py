@@ -6,7 +6,7 @@ uninterrupted one would have seen.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -25,9 +25,15 @@ def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
     return -(-n // batch_size)
 
 
+class Batch(NamedTuple):
+    pixels: torch.Tensor  # uint8 (B, 3, S, S), channels-last memory
+    labels: torch.Tensor | None  # int64 (B,), None for an unlabeled split
+    rows: np.ndarray  # the rows of the cache entry they came from (to look up cached teacher logits)
+
+
 def iter_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Yield (pixels uint8 (B, 3, S, S) channels-last, labels int64 or None).
+                 drop_last: bool = False) -> Iterator[Batch]:
+    """Batches of a split, shuffled by (seed, epoch) when asked.
 
     With drop_last, a final partial batch is dropped (BatchNorm cannot train on a single sample), unless
     the split is smaller than one batch.
@@ -35,6 +41,7 @@ def iter_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: 
     n = len(split)
     order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
     for b in range(batch_count(n, batch_size, drop_last)):
-        pixels, labels = split.take(order[b * batch_size:(b + 1) * batch_size])
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)  # NHWC memory = channels_last
-        yield x, (torch.from_numpy(labels) if labels is not None else None)
+        rows = split.rows_at(order[b * batch_size:(b + 1) * batch_size])
+        x = torch.from_numpy(np.ascontiguousarray(split.images[rows])).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(split.labels[rows]) if split.labels is not None else None
+        yield Batch(x, labels, rows)

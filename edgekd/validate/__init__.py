@@ -86,10 +86,23 @@ def _pytorch_variants(checkpoint: Path, teacher: dict | None, cuda: bool) -> lis
     return variants
 
 
+def _export_precision(path: Path) -> str:
+    from edgekd.runtime.model_info import NotAnEdgekdModel, model_info_from_metadata
+    from edgekd.runtime.session import open_session
+
+    try:
+        metadata = dict(open_session(path).get_modelmeta().custom_metadata_map)
+        return model_info_from_metadata(metadata, str(path)).precision
+    except NotAnEdgekdModel as exc:
+        raise EdgekdError(str(exc), hint="remove it from the exports folder or re-export") from exc
+    except Exception as exc:  # onnxruntime raises its own types for a damaged file
+        raise EdgekdError(f"{path}: onnxruntime cannot load it ({exc.__class__.__name__})",
+                          hint="re-export it with `edgekd export`") from exc
+
+
 def _onnx_variants(plan: ValidationPlan) -> tuple[list[Variant], list[dict]]:
     """Every exported file on every requested provider; providers missing here become skipped rows."""
-    from edgekd.runtime.model_info import model_info_from_metadata
-    from edgekd.runtime.session import available_providers, open_session
+    from edgekd.runtime.session import available_providers
 
     exports = sorted((plan.run_dir / "exports").glob("*.onnx"))
     if not exports:
@@ -97,8 +110,7 @@ def _onnx_variants(plan: ValidationPlan) -> tuple[list[Variant], list[dict]]:
     offered = available_providers()
     variants, skipped = [], []
     for path in exports:
-        metadata = dict(open_session(path).get_modelmeta().custom_metadata_map)
-        precision = model_info_from_metadata(metadata, str(path)).precision
+        precision = _export_precision(path)
         for provider in plan.providers:
             name = f"{precision} · {provider}"
             if provider in offered:
@@ -110,7 +122,7 @@ def _onnx_variants(plan: ValidationPlan) -> tuple[list[Variant], list[dict]]:
     return variants, skipped
 
 
-def _measure_in_fresh_process(variant: Variant, settings: Settings) -> dict:
+def measure_in_fresh_process(variant: Variant, settings: Settings) -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, variant, settings).result()
 
@@ -137,7 +149,7 @@ def validate_run(plan: ValidationPlan) -> Validation:
         reference = None
         for variant in variants:
             log.info("measuring %s (%s)", variant.name, Path(variant.path).name)
-            measured = _measure_in_fresh_process(variant, settings)
+            measured = measure_in_fresh_process(variant, settings)
             reference = measured["logits"] if reference is None else reference
             row = {"variant": variant.name, "precision": variant.precision, "provider": variant.provider,
                    "runtime": "PyTorch eager" if variant.kind == "pytorch" else "onnxruntime",

@@ -1,0 +1,81 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.data import open_dataset
+from edgekd.errors import CheckpointError
+from edgekd.recipe import load_recipe
+from edgekd.train.checkpoint import file_sha256, load_model
+from edgekd.train.teacher_cache import cached_teacher_logits
+from edgekd.train.trainer import run
+
+
+@pytest.fixture
+def teacher(tmp_path, teacher_recipe):
+    run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts")
+    return tmp_path / "artifacts" / "tiny_teacher" / "best.pt"
+
+
+def _logit_files(tmp_path):
+    return sorted((tmp_path / "cache" / "teacher-logits").glob("*.npy"))
+
+
+def test_cached_logits_are_the_teachers_own_in_fp16(teacher, teacher_recipe):
+    model, meta = load_model(teacher)
+    entry = open_dataset(load_recipe(teacher_recipe).data).entries["train"]
+    cached = cached_teacher_logits(model, file_sha256(teacher), 3, entry, torch.device("cpu"))
+    with torch.no_grad():
+        direct = model(torch.from_numpy(np.array(entry.images)).permute(0, 3, 1, 2)).numpy()
+    assert cached.dtype == np.float16 and cached.shape == (len(entry.images), 3)
+    np.testing.assert_allclose(cached.astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+
+
+def test_logits_are_computed_once_and_reused_by_every_student(tmp_path, teacher, student_recipe, monkeypatch):
+    run(load_recipe(student_recipe), "distill", tmp_path / "artifacts")
+    files = _logit_files(tmp_path)
+    assert len(files) == 1
+    before = files[0].stat().st_mtime_ns
+    calls = []
+    import edgekd.train.teacher_cache as module
+
+    monkeypatch.setattr(module, "_compute", lambda *a: calls.append(a))
+    run(load_recipe(student_recipe, ["model.blocks=2"]), "distill", tmp_path / "artifacts")
+    assert calls == [] and files[0].stat().st_mtime_ns == before
+
+
+def test_a_retrained_teacher_gets_new_logits(tmp_path, teacher, teacher_recipe, student_recipe):
+    run(load_recipe(student_recipe), "distill", tmp_path / "artifacts")
+    run(load_recipe(teacher_recipe, ["train.seed=1"]), "train", tmp_path / "artifacts")  # the newest teacher
+    run(load_recipe(student_recipe), "distill", tmp_path / "artifacts")
+    assert len(_logit_files(tmp_path)) == 2
+
+
+def test_the_teacher_runs_per_batch_when_the_cache_is_off(tmp_path, teacher, student_recipe, caplog):
+    with caplog.at_level(logging.INFO, logger="edgekd"):
+        run(load_recipe(student_recipe, ["distill.cache_teacher_logits=false"]), "distill", tmp_path / "artifacts")
+    assert "the teacher runs on every batch" in caplog.text
+    assert _logit_files(tmp_path) == []
+
+
+def test_each_shuffled_batch_gets_the_logits_of_its_own_images(teacher, teacher_recipe):
+    from edgekd.train.batches import iter_batches
+
+    model, _ = load_model(teacher)
+    dataset = open_dataset(load_recipe(teacher_recipe).data)
+    cached = cached_teacher_logits(model, file_sha256(teacher), 3, dataset.entries["train"], torch.device("cpu"))
+    for batch in iter_batches(dataset.splits["train"], 7, shuffle=True, seed=3, epoch=2):
+        with torch.no_grad():
+            direct = model(batch.pixels).numpy()
+        np.testing.assert_allclose(cached[batch.rows].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+
+
+def test_a_student_at_a_lower_resolution_learns_from_logits_at_the_teachers(tmp_path, teacher, student_recipe):
+    summary = run(load_recipe(student_recipe, ["data.image_size=12"]), "distill", tmp_path / "artifacts")
+    model, meta = load_model(tmp_path / "artifacts" / summary["run"] / "best.pt")
+    assert meta["image_size"] == 12
+    assert {p.name.split("-")[1] for p in _logit_files(tmp_path)} == {"16px"}
+    with pytest.raises(CheckpointError, match="cache_teacher_logits"):
+        run(load_recipe(student_recipe, ["data.image_size=12", "distill.cache_teacher_logits=false"]), "distill",
+            tmp_path / "artifacts")
