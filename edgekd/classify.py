@@ -71,9 +71,32 @@ class ExportedModel:
         if self.info.resize != RESIZE_METHOD:
             raise EdgekdError(f"{self.path}: resize method {self.info.resize!r} is unknown to this edgekd",
                               hint="upgrade edgekd")
+        self._check_metadata_fits_graph()
+
+    def _check_metadata_fits_graph(self) -> None:
+        """The metadata must describe this graph: its input name, image size and number of classes."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        size, classes = self.info.image_size, len(self.info.class_names)
+        problem = None
+        if self.info.input_name not in inputs:
+            problem = f"names input {self.info.input_name!r}, the graph takes {', '.join(inputs)}"
+        elif [d for d in inputs[self.info.input_name][1:] if isinstance(d, int)] not in ([3, size, size], [3], []):
+            problem = f"says {size}px RGB, the graph takes {inputs[self.info.input_name]}"
+        else:
+            out = self.session.get_outputs()[0].shape
+            if out and isinstance(out[-1], int) and out[-1] != classes:
+                problem = f"lists {classes} classes, the graph outputs {out[-1]}"
+        if problem:
+            raise EdgekdError(f"{self.path}: its edgekd metadata does not fit the model: it {problem}",
+                              hint="re-export the model with `edgekd export`")
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {self.info.input_name: as_input(pixels)})[0].astype(np.float64)
+        try:
+            raw = self.session.run(None, {self.info.input_name: as_input(pixels)})[0]
+        except Exception as exc:  # onnxruntime's own exception types
+            raise EdgekdError(f"{self.path}: the model failed to run ({exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from exc
+        logits = raw.astype(np.float64)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         return exp / exp.sum(axis=1, keepdims=True)
 

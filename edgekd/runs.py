@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +53,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Let a block of writes finish before Ctrl-C (SIGINT) takes effect; it is raised right after.
+
+    Outside the main thread (where signal handlers cannot be set) the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 # ----- run folders --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     """Export fp32 (always: it is the reference the others derive from) and the requested precisions."""
     from edgekd.train.checkpoint import checkpoint_dataset, file_sha256, load_model
 
+    _check_writable(plan.out_dir)
     model, payload = load_model(plan.checkpoint)
     recipe, dataset = checkpoint_dataset(payload, ("train", "val"), plan.data_root)
     if plan.calibration_images is None:
@@ -75,6 +77,17 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
         graph = _convert(precision, fp32, plan, dataset, path.with_name(f"{stem}.fp32.onnx"))
         results.append(_write_checked(graph, path, info, precision, reference_pixels, reference))
     return results
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when the output folder cannot hold files."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ExportError(f"cannot write exports to {folder}: {exc.strerror or exc}",
+                          hint="pass a writable folder with --out") from exc
 
 
 def _sample(split, count: int, seed: int, balanced: bool) -> np.ndarray:

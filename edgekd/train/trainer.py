@@ -24,11 +24,13 @@ from edgekd.evaluate import evaluate_model
 from edgekd.models import Classifier, create_model, freeze_backbone, load_pretrained, set_train_mode
 from edgekd.models.summary import count_parameters
 from edgekd.recipe import Recipe, dump_recipe, load_recipe
-from edgekd.runs import MetricsLog, atomic_write_json, atomic_write_text, latest_run_dir, new_run_dir
-from edgekd.train.batches import batch_count, iter_batches
+from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
+                         new_run_dir)
+from edgekd.train.batches import Batch, batch_count, iter_batches
 from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
 from edgekd.train.losses import ce_loss, kd_loss
 from edgekd.train.precision import PrecisionPolicy, amax_histories, fp8_scales, load_amax_histories, make_policy
+from edgekd.train.teacher_cache import cached_teacher_logits
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class Trainer:
         self.recipe, self.mode, self.run_dir, self.dataset = recipe, mode, run_dir, dataset
         self.device, self.callbacks = device, callbacks
         self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
+        self.teacher_logits: np.ndarray | None = None  # (rows, classes) fp16 when cached
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.stopper = EarlyStopping(recipe.train.patience)
         self.epoch = 0
@@ -226,12 +229,11 @@ class Trainer:
         set_train_mode(self.model, self.frozen)
         start = time.perf_counter()
         total_loss, seen = 0.0, 0
-        for pixels, labels in iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                           drop_last=True):
-            loss = self._step(pixels.to(self.device, non_blocking=True), labels.to(self.device))
-            total_loss += loss * len(labels)
-            seen += len(labels)
-            self.callbacks.on_batch(len(labels), loss)
+        for batch in iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True):
+            loss = self._step(batch)
+            total_loss += loss * len(batch.rows)
+            seen += len(batch.rows)
+            self.callbacks.on_batch(len(batch.rows), loss)
         train_seconds = time.perf_counter() - start
         if self.scheduler is not None:
             self.scheduler.step()
@@ -244,13 +246,20 @@ class Trainer:
                 "precision": self.precision["mode"], "precision_native": self.precision["native"],
                 "device": self.device.type}
 
-    def _step(self, pixels: torch.Tensor, labels: torch.Tensor) -> float:
+    def _teacher_logits(self, batch: Batch, pixels: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher_logits is not None:
+            return torch.from_numpy(self.teacher_logits[batch.rows].astype(np.float32)).to(self.device)
+        if self.teacher_model is None:
+            return None
+        with torch.no_grad():
+            return self.teacher_model(pixels)
+
+    def _step(self, batch: Batch) -> float:
+        pixels = batch.pixels.to(self.device, non_blocking=True)
+        labels = batch.labels.to(self.device)
         with self.policy.autocast():
             logits = self.model(pixels)
-            teacher_logits = None
-            if self.teacher_model is not None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher_model(pixels)
+            teacher_logits = self._teacher_logits(batch, pixels)
         # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
         if teacher_logits is not None:
             loss = kd_loss(logits, teacher_logits, labels, self.recipe.distill.temperature,
@@ -265,11 +274,12 @@ class Trainer:
         improved = self.stopper.update(record["epoch"], record["val_acc"])
         self.epoch = record["epoch"]
         self.history.append(record)
-        self.metrics.append(record)
-        if improved:
-            save_checkpoint(self.run_dir / "best.pt", self._payload(with_train_state=False))
-        save_checkpoint(self.run_dir / "last.pt", self._payload(with_train_state=True))
-        self._write_summary("running")
+        with interrupts_deferred():  # Ctrl-C while saving: finish the epoch's files, then stop
+            self.metrics.append(record)
+            if improved:
+                save_checkpoint(self.run_dir / "best.pt", self._payload(with_train_state=False))
+            save_checkpoint(self.run_dir / "last.pt", self._payload(with_train_state=True))
+            self._write_summary("running")
         self.callbacks.on_epoch_end(record)
 
     # ----- what lands on disk -------------------------------------------------------------------------
@@ -334,14 +344,30 @@ def _load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset
     if meta["class_names"] != dataset.class_names:
         raise CheckpointError(f"teacher {path} was trained on classes {meta['class_names']}, this dataset has "
                               f"{dataset.class_names}", hint="distill on the teacher's dataset")
-    if meta["image_size"] != dataset.image_size:
-        raise CheckpointError(f"teacher {path} was trained at {meta['image_size']}px, the student recipe uses "
-                              f"data.image_size={dataset.image_size}",
-                              hint=f"--set data.image_size={meta['image_size']}")
+    if meta["image_size"] != dataset.image_size and not recipe.distill.cache_teacher_logits:
+        raise CheckpointError(f"teacher {path} was trained at {meta['image_size']}px, the student at "
+                              f"{dataset.image_size}px: that needs distill.cache_teacher_logits (the teacher sees "
+                              f"its own resolution once)", hint="--set distill.cache_teacher_logits=true")
     for param in teacher.parameters():
         param.requires_grad = False
     log.debug("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
     return teacher, meta
+
+
+def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher, device: torch.device) -> np.ndarray:
+    """Teacher logits for every train-cache row, computed at the teacher's own image size."""
+    model, meta = teacher
+    entry = dataset.entries["train"]
+    if meta["image_size"] != dataset.image_size:
+        teacher_view = dataclasses.replace(recipe.data, image_size=meta["image_size"])
+        teacher_entry = open_dataset(teacher_view, splits=("train",), workers=recipe.train.workers).entries["train"]
+        if teacher_entry.ids != entry.ids:
+            raise CheckpointError("the teacher-resolution and student-resolution caches hold different files")
+        log.info("student at %dpx learns from teacher logits computed at %dpx", dataset.image_size,
+                 meta["image_size"])
+        entry = teacher_entry
+    return cached_teacher_logits(model, meta["sha256"], len(meta["class_names"]), entry, device,
+                                 recipe.train.batch_size)
 
 
 def _run_dir_for(recipe: Recipe, artifacts: Path, resume: bool) -> tuple[Path, dict | None]:
@@ -383,6 +409,10 @@ def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
     teacher = _load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
     run_dir, last = _run_dir_for(recipe, artifacts, resume)
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks)
+    if teacher is not None and recipe.distill.cache_teacher_logits:
+        trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
+    elif teacher is not None:
+        log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
     if last is not None:
         trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
         trainer.restore(last)
