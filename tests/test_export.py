@@ -121,13 +121,27 @@ def test_export_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "no distilled run" in result.output
 
 
-def test_fp8_uses_scales_learnt_in_fp8_training_when_the_checkpoint_has_them(distilled_run, tmp_path):
+def test_fp8_uses_scales_learnt_in_fp8_training_through_the_batchnorm_fold(distilled_run, tmp_path):
     payload = torch.load(distilled_run / "best.pt", weights_only=True)
     name = "net.stem.0.weight"
-    learnt = torch.full((payload["state_dict"][name].shape[0],), 0.0123)
+    raw = payload["state_dict"][name]
+    learnt = raw.abs().flatten(1).amax(1) / 448.0 * 1.5  # a scale 1.5x coarser than the default
     payload["fp8_weight_scales"] = {name: learnt}
     torch.save(payload, tmp_path / "fp8_trained.pt")
     results = export_checkpoint(ExportPlan(tmp_path / "fp8_trained.pt", ["fp8"], tmp_path / "out"))
     graph = onnx.load(results[-1].path).graph
-    scale = next(i for i in graph.initializer if i.name == f"{name}_scale")
-    np.testing.assert_allclose(onnx.numpy_helper.to_array(scale), learnt.numpy())
+    exported = onnx.numpy_helper.to_array(next(i for i in graph.initializer if i.name == f"{name}_scale"))
+    folded = onnx.numpy_helper.to_array(next(i for i in onnx.load(results[0].path).graph.initializer
+                                             if i.name == name))
+    # The exporter folds BatchNorm into the weight; the learnt scale follows that per-channel factor.
+    np.testing.assert_allclose(exported, np.abs(folded).reshape(len(folded), -1).max(1) / 448.0 * 1.5, rtol=1e-5)
+    assert results[-1].agreement >= 0.8
+
+
+def test_a_model_trained_at_fp8_exports_to_fp8_without_losing_its_answers(tmp_path, teacher_recipe):
+    from edgekd.recipe import load_recipe
+    from edgekd.train.trainer import run
+
+    summary = run(load_recipe(teacher_recipe, ["precision=fp8", "train.epochs=3"]), "train", tmp_path / "a")
+    results = export_checkpoint(ExportPlan(tmp_path / "a" / summary["run"] / "best.pt", ["fp8"], tmp_path / "out"))
+    assert results[-1].agreement >= 0.9

@@ -115,18 +115,36 @@ def _convert(precision: str, fp32: onnx.ModelProto, plan: ExportPlan, dataset, f
         calibration = _sample(dataset.splits["train"], plan.calibration_images, seed=0, balanced=True)
         log.info("int8: calibrating on %d real training images (class-balanced, seed 0)", len(calibration))
         return to_int8(fp32_path, calibration, plan.keep_float)
-    return to_fp8(fp32, _trained_fp8_scales(plan.checkpoint))
+    return to_fp8(fp32, _trained_fp8_scales(plan.checkpoint, fp32))
 
 
-def _trained_fp8_scales(checkpoint: Path) -> dict[str, np.ndarray] | None:
-    """Per-channel weight scales learnt by fp8 training, keyed like the ONNX initializers (model.<param>)."""
+def _trained_fp8_scales(checkpoint: Path, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
+    """Per-channel weight scales learnt in fp8 training, carried over to the exported graph's weights.
+
+    The exporter folds each BatchNorm into the convolution before it, which multiplies every output
+    channel of the weight by a constant; the learnt scale is multiplied by the same constant, so the
+    fp8 codes stay those the model was trained with.
+    """
     from edgekd.train.checkpoint import read_checkpoint
 
-    scales = read_checkpoint(checkpoint).get("fp8_weight_scales")
-    if not scales:
+    payload = read_checkpoint(checkpoint)
+    learnt = payload.get("fp8_weight_scales")
+    if not learnt:
         return None
-    log.info("fp8: using the %d weight scales learnt in fp8 training", len(scales))
-    return {name: np.asarray(scale, dtype=np.float32).reshape(-1) for name, scale in scales.items()}
+    graph_weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.graph.initializer if i.name in learnt}
+    scales = {}
+    for name, weight in graph_weights.items():
+        trained = payload["state_dict"][name].float().numpy()
+        if trained.shape != weight.shape:  # stored transposed (MatMul): output channels on another axis
+            continue
+        fold = _channel_amax(weight) / np.maximum(_channel_amax(trained), 1e-30)
+        scales[name] = (np.asarray(learnt[name], np.float32).reshape(-1) * fold).astype(np.float32)
+    log.info("fp8: using the weight scales learnt in fp8 training for %d of %d weights", len(scales), len(learnt))
+    return scales
+
+
+def _channel_amax(weight: np.ndarray) -> np.ndarray:
+    return np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
 
 
 def _model_info(payload: dict, sha256: str, exporter: str, opset: int) -> ModelInfo:
@@ -160,4 +178,7 @@ def _write_checked(graph: onnx.ModelProto, path: Path, info: ModelInfo, precisio
     atomic_write(path, save)
     log.info("%s: max |logit - PyTorch| %.2e, top-1 agreement %.4f on %d real images", path.name,
              measured["diff"], measured["agreement"], len(pixels))
+    if measured["agreement"] < 0.9:
+        log.warning("%s agrees with PyTorch on only %.0f%% of the images: check it with `edgekd validate`",
+                    path.name, 100 * measured["agreement"])
     return ExportedFile(precision, path, path.stat().st_size, measured["diff"], measured["agreement"])
