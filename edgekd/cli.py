@@ -53,6 +53,9 @@ def _recipe_options(command):
                            help="Continue the newest run of this recipe from its last.pt.")(command)
     command = click.option("--artifacts", type=click.Path(file_okay=False), default=None,
                            help="Where runs live (default: $EDGEKD_ARTIFACTS or ./artifacts).")(command)
+    command = click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                           help="Processes on this machine (starts torchrun: DistributedDataParallel, one "
+                                "process per GPU, or sharing the CPU cores).")(command)
     command = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "fp8"]), default=None,
                            help="Training precision (overrides the recipe); the run records whether it "
                                 "ran natively or simulated on this device.")(command)
@@ -79,6 +82,10 @@ def _progress_callbacks(quiet: bool):
             click.echo(f"model     {info['model']}: {info['parameters']:,} parameters")
             if info["teacher"]:
                 click.echo(f"teacher   {info['teacher']}")
+            if info["distributed"]["world_size"] > 1:
+                d = info["distributed"]
+                click.echo(f"processes {d['world_size']} ({d['backend']}, {d['processes_per_node']} per node; "
+                           f"train.batch_size is the global batch)")
             if info["resumed_from_epoch"] is not None:
                 click.echo(f"resuming  after epoch {info['resumed_from_epoch']}")
 
@@ -107,7 +114,31 @@ def _progress_callbacks(quiet: bool):
     return Printer()
 
 
-def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, precision, quiet: bool) -> None:
+def _under_torchrun(nproc: int) -> None:
+    """Run this same command in `nproc` processes started by torchrun, and exit with its exit code."""
+    import os
+    import subprocess
+
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # drop --nproc N / --nproc=N: the children run one process each
+        if arg == "--nproc":
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del argv[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "edgekd", *argv]
+    click.echo(f"starting {nproc} processes: {' '.join(command[1:])}", err=True)
+    sys.exit(subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
+
+
+def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, precision, quiet: bool,
+               nproc: int = 1) -> None:
+    import os
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _under_torchrun(nproc)
     from edgekd.recipe import load_recipe
     from edgekd.runs import artifacts_root
     from edgekd.train.trainer import run
@@ -120,23 +151,24 @@ def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, 
         click.echo(f"\ninterrupted; finished epochs are saved. Continue with: "
                    f"edgekd {mode} {recipe_path} --resume", err=True)
         sys.exit(130)
-    click.echo(f"saved     {root / summary['run']}/best.pt")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        click.echo(f"saved     {root / summary['run']}/best.pt")
 
 
 @cli.command()
 @_recipe_options
 @click.pass_obj
-def train(obj, recipe, overrides, resume, artifacts, precision) -> None:
+def train(obj, recipe, overrides, resume, artifacts, precision, nproc) -> None:
     """Train a model (a teacher) on a recipe's dataset with cross-entropy."""
-    _run_stage("train", recipe, overrides, resume, artifacts, precision, obj["quiet"])
+    _run_stage("train", recipe, overrides, resume, artifacts, precision, obj["quiet"], nproc)
 
 
 @cli.command()
 @_recipe_options
 @click.pass_obj
-def distill(obj, recipe, overrides, resume, artifacts, precision) -> None:
+def distill(obj, recipe, overrides, resume, artifacts, precision, nproc) -> None:
     """Distill a student from the recipe's teacher: α·T²·KL + (1−α)·CE."""
-    _run_stage("distill", recipe, overrides, resume, artifacts, precision, obj["quiet"])
+    _run_stage("distill", recipe, overrides, resume, artifacts, precision, obj["quiet"], nproc)
 
 
 @cli.command()

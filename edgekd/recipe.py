@@ -91,6 +91,8 @@ class TrainConfig:
     # Processes that decode images when the cache is first built (0: the main process).
     workers: int = field(default=0, metadata=_NON_NEGATIVE)
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # Under torchrun: synchronise BatchNorm statistics across processes (CUDA only).
+    sync_batchnorm: bool = False
 
 
 @dataclass

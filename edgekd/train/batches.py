@@ -32,16 +32,18 @@ class Batch(NamedTuple):
 
 
 def iter_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                 drop_last: bool = False) -> Iterator[Batch]:
+                 drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
     """Batches of a split, shuffled by (seed, epoch) when asked.
 
     With drop_last, a final partial batch is dropped (BatchNorm cannot train on a single sample), unless
-    the split is smaller than one batch.
+    the split is smaller than one batch. With shard=(rank, world), this process gets every world-th
+    position of each global batch, so the global batches do not depend on the number of processes.
     """
+    rank, world = shard
     n = len(split)
     order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
     for b in range(batch_count(n, batch_size, drop_last)):
-        rows = split.rows_at(order[b * batch_size:(b + 1) * batch_size])
+        rows = split.rows_at(order[b * batch_size:(b + 1) * batch_size][rank::world])
         x = torch.from_numpy(np.ascontiguousarray(split.images[rows])).permute(0, 3, 1, 2)
         labels = torch.from_numpy(split.labels[rows]) if split.labels is not None else None
         yield Batch(x, labels, rows)

@@ -27,6 +27,7 @@ from edgekd.recipe import Recipe, dump_recipe, load_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
                          new_run_dir)
 from edgekd.train.batches import Batch, batch_count, iter_batches
+from edgekd.train import distributed
 from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
 from edgekd.train.losses import ce_loss, kd_loss
 from edgekd.train.precision import PrecisionPolicy, amax_histories, fp8_scales, load_amax_histories, make_policy
@@ -52,6 +53,19 @@ class Callbacks:
 
     def on_end(self, summary: dict) -> None:
         log.info("run finished: %s", summary["status"])
+
+
+class _Silent(Callbacks):
+    """Ranks other than 0 report nothing: rank 0 speaks for the run."""
+
+    def on_start(self, info: dict) -> None:
+        pass
+
+    def on_epoch_end(self, record: dict) -> None:
+        pass
+
+    def on_end(self, summary: dict) -> None:
+        pass
 
 
 @dataclass
@@ -152,9 +166,11 @@ def _now() -> str:
 
 class Trainer:
     def __init__(self, recipe: Recipe, mode: str, run_dir: Path, dataset: Dataset, device: torch.device,
-                 teacher: tuple[Classifier, dict] | None, callbacks: Callbacks):
+                 teacher: tuple[Classifier, dict] | None, callbacks: Callbacks,
+                 dist: distributed.Distributed = distributed.Distributed()):
         self.recipe, self.mode, self.run_dir, self.dataset = recipe, mode, run_dir, dataset
-        self.device, self.callbacks = device, callbacks
+        self.device, self.dist = device, dist
+        self.callbacks = callbacks if dist.main else _Silent()
         self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
         self.teacher_logits: np.ndarray | None = None  # (rows, classes) fp16 when cached
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -182,6 +198,10 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, self.recipe)
         self.scheduler = make_scheduler(self.optimizer, self.recipe)
+        self.train_model = self.model  # DistributedDataParallel around it once restored (parallelize)
+
+    def parallelize(self) -> None:
+        self.train_model = distributed.wrap(self.model, self.dist, self.device, self.recipe.train.sync_batchnorm)
 
     def restore(self, last: dict) -> None:
         """Continue from last.pt: weights, optimizer, scheduler, RNG, early stopping, metrics."""
@@ -217,6 +237,8 @@ class Trainer:
             self._write_summary("failed", error=f"{exc.__class__.__name__}: {exc}")
             raise
         status = "early_stopped" if self.stopper.should_stop and self.epoch < epochs else "finished"
+        if self.dist.active:
+            self.ranks_identical = len(set(self.dist.gather(distributed.weights_digest(self.model)))) == 1
         summary = self._write_summary(status)
         self.callbacks.on_end(summary)
         return summary
@@ -226,25 +248,31 @@ class Trainer:
         train = self.dataset.splits["train"]
         batches = batch_count(len(train), cfg.batch_size, drop_last=True)
         self.callbacks.on_epoch_start(epoch, cfg.epochs, batches)
-        set_train_mode(self.model, self.frozen)
+        set_train_mode(self.train_model, self.frozen)
         start = time.perf_counter()
         total_loss, seen = 0.0, 0
-        for batch in iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True):
+        for batch in iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
+                                  shard=(self.dist.rank, self.dist.world)):
             loss = self._step(batch)
             total_loss += loss * len(batch.rows)
             seen += len(batch.rows)
             self.callbacks.on_batch(len(batch.rows), loss)
         train_seconds = time.perf_counter() - start
+        total_loss, seen = self.dist.sum(total_loss, seen)
+        distributed.sync_buffers(self.model, self.dist)
         if self.scheduler is not None:
             self.scheduler.step()
-        with self.policy.autocast():  # validation measures the model as it trains: same precision
-            val = evaluate_model(self.model, self.dataset.splits["val"], self.dataset.class_names, cfg.batch_size,
-                                 self.device)
+        val = self.dist.broadcast(self._validate() if self.dist.main else None)
         return {"epoch": epoch, "train_loss": total_loss / seen, "val_loss": val.loss, "val_acc": val.accuracy,
                 "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
                 "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
                 "precision": self.precision["mode"], "precision_native": self.precision["native"],
                 "device": self.device.type}
+
+    def _validate(self):
+        with self.policy.autocast():  # validation measures the model as it trains: same precision
+            return evaluate_model(self.model, self.dataset.splits["val"], self.dataset.class_names,
+                                  self.recipe.train.batch_size, self.device)
 
     def _teacher_logits(self, batch: Batch, pixels: torch.Tensor) -> torch.Tensor | None:
         if self.teacher_logits is not None:
@@ -258,7 +286,7 @@ class Trainer:
         pixels = batch.pixels.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device)
         with self.policy.autocast():
-            logits = self.model(pixels)
+            logits = self.train_model(pixels)
             teacher_logits = self._teacher_logits(batch, pixels)
         # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
         if teacher_logits is not None:
@@ -274,6 +302,8 @@ class Trainer:
         improved = self.stopper.update(record["epoch"], record["val_acc"])
         self.epoch = record["epoch"]
         self.history.append(record)
+        if not self.dist.main:
+            return
         with interrupts_deferred():  # Ctrl-C while saving: finish the epoch's files, then stop
             self.metrics.append(record)
             if improved:
@@ -330,8 +360,10 @@ class Trainer:
             "best_epoch": self.stopper.best_epoch, "best_val_acc": self.stopper.best_acc if self.epoch else None,
             "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
                                   if self.history else None),
+            "distributed": {**self.dist.describe(), "ranks_identical": getattr(self, "ranks_identical", None)},
             "started": self.started, "updated": _now()}
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.dist.main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
@@ -395,22 +427,49 @@ def _warn_recipe_changes(stored: dict, recipe: Recipe) -> None:
 
 def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
         callbacks: Callbacks | None = None) -> dict:
-    """Train (mode "train") or distill (mode "distill") one recipe; returns the run summary."""
-    callbacks = callbacks or Callbacks()
-    device = resolve_device(recipe.train.device)
-    make_policy(recipe.precision, device)  # an unsupported precision or optimizer fails before any work
+    """Train (mode "train") or distill (mode "distill") one recipe; returns the run summary.
+
+    Under torchrun every process calls this; they share the work through DistributedDataParallel.
+    """
+    dist, device = distributed.start(recipe.train.device)
+    try:
+        return _run(recipe, mode, artifacts, resume, callbacks or Callbacks(), dist, device)
+    finally:
+        distributed.stop(dist)
+
+
+def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distributed.Distributed,
+                       device: torch.device) -> None:
+    """Everything that can be refused is refused before any image is decoded."""
+    make_policy(recipe.precision, device)
     if recipe.train.optimizer == "adam8bit":
         bitsandbytes_module()
     if mode == "distill":
-        resolve_teacher(recipe, artifacts)  # fail on a missing teacher before decoding any image
+        resolve_teacher(recipe, artifacts)
     elif recipe.teacher.checkpoint or recipe.teacher.recipe:
         log.info("the recipe names a teacher; `edgekd train` ignores it and trains with cross-entropy only")
-    dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
+    if dist.active and recipe.train.batch_size % dist.world:
+        raise RecipeError(f"train.batch_size {recipe.train.batch_size} does not split evenly over {dist.world} "
+                          f"processes", hint=f"use a multiple of {dist.world} (it is the global batch size)")
+    if dist.active and recipe.train.sync_batchnorm and device.type != "cuda":
+        raise RecipeError("train.sync_batchnorm needs CUDA; on CPU each process normalises its own share",
+                          hint="--set train.sync_batchnorm=false")
+
+
+def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Callbacks,
+         dist: distributed.Distributed, device: torch.device) -> dict:
+    _check_before_work(recipe, mode, artifacts, dist, device)
+    with dist.node_main_first():  # one process per node decodes; the others then read its cache
+        dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
     teacher = _load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
-    run_dir, last = _run_dir_for(recipe, artifacts, resume)
-    trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks)
+    run_dir, last = _run_dir_for(recipe, artifacts, resume) if dist.main else (None, None)
+    run_dir, resumed = dist.broadcast((run_dir, last is not None))  # rank 0 picks the folder
+    if resumed and last is None:
+        last = read_checkpoint(run_dir / "last.pt")
+    trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist)
     if teacher is not None and recipe.distill.cache_teacher_logits:
-        trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
+        with dist.node_main_first():
+            trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
     elif teacher is not None:
         log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
     if last is not None:
@@ -419,12 +478,14 @@ def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
     else:
         mean, std = channel_stats(dataset.splits["train"])
         trainer.build(mean, std, pretrained=True)
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    callbacks.on_start({
+    trainer.parallelize()
+    if dist.main:
+        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    trainer.callbacks.on_start({
         "run_dir": str(run_dir), "mode": mode, "device": device.type, "precision": trainer.precision,
         "torch_threads": torch.get_num_threads(), "dataset": dataset.describe(),
         "model": f"{recipe.model.name}({', '.join(f'{k}={v}' for k, v in recipe.model.args.items())})",
         "parameters": count_parameters(trainer.model), "resumed_from_epoch": trainer.epoch if last else None,
-        "teacher": teacher[1]["path"] if teacher else None,
+        "teacher": teacher[1]["path"] if teacher else None, "distributed": dist.describe(),
         "skipped_images": sum(len(v) for v in dataset.skipped.values())})
     return trainer.fit()
