@@ -167,10 +167,10 @@ def _now() -> str:
 class Trainer:
     def __init__(self, recipe: Recipe, mode: str, run_dir: Path, dataset: Dataset, device: torch.device,
                  teacher: tuple[Classifier, dict] | None, callbacks: Callbacks,
-                 dist: distributed.Distributed = distributed.Distributed()):
+                 dist: distributed.Distributed | None = None):
         self.recipe, self.mode, self.run_dir, self.dataset = recipe, mode, run_dir, dataset
-        self.device, self.dist = device, dist
-        self.callbacks = callbacks if dist.main else _Silent()
+        self.device, self.dist = device, dist or distributed.Distributed()
+        self.callbacks = callbacks if self.dist.main else _Silent()
         self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
         self.teacher_logits: np.ndarray | None = None  # (rows, classes) fp16 when cached
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
