@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,6 @@ class ExportedFile:
     size_bytes: int
     max_abs_logit_diff: float  # against PyTorch fp32, on real validation images
     agreement: float  # fraction of those images with the same top-1 class as PyTorch
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
