@@ -252,7 +252,7 @@ def export(target, fp16, int8, fp8, all_, out, calibration_images, keep_float, d
     fp32_size = results[0].size_bytes
     click.echo(f"\n{'file':<40} {'precision':<9} {'MB':>8} {'x fp32':>7} {'max|dlogit|':>12} {'top-1 agree':>12}")
     for r in results:
-        click.echo(f"{str(r.path.name):<40} {r.precision:<9} {r.size_bytes / 1e6:>8.2f} "
+        click.echo(f"{r.path.name!s:<40} {r.precision:<9} {r.size_bytes / 1e6:>8.2f} "
                    f"{r.size_bytes / fp32_size:>7.2f} {r.max_abs_logit_diff:>12.2e} {r.agreement:>12.2%}")
     click.echo(f"\nwritten   {out_dir} (compared with PyTorch fp32 on real validation images)")
 
@@ -374,6 +374,76 @@ def summary(recipes, overrides) -> None:
         args = ", ".join(f"{k}={v}" for k, v in row["args"].items()) or "-"
         click.echo(f"{row['recipe']:<26} {row['model']:<10} {args:<34} {row['image_size']:>5}px "
                    f"{row['classes']:>7} {row['parameters']:>12,} {row['macs']:>15,}")
+
+
+def _sweep_events(quiet: bool):
+    from edgekd.sweep import SweepEvents
+
+    class Printer(SweepEvents):
+        def on_member(self, index, total, member, state) -> None:
+            what = f"{member.mode}, {member.role}, {member.precision}"
+            if state.action == "skip":
+                acc = state.summary.get("best_val_acc")
+                detail = f"{state.summary['status']}, best val acc {acc:.2%}" if acc is not None else state.summary["status"]
+                click.echo(f"[{index}/{total}] {member.name} ({what}): skipped, {detail} in {state.run_dir}")
+            else:
+                verb = f"resuming {state.run_dir}" if state.action == "resume" else "running"
+                click.secho(f"\n[{index}/{total}] {member.name} ({what}): {verb}", bold=True)
+
+        def training(self, member):
+            return _progress_callbacks(quiet)
+
+        def on_export(self, member, detail: str) -> None:
+            click.echo(f"          {member.name}: {detail}")
+
+    return Printer()
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a recipe value in every member (repeatable), e.g. --set train.epochs=3.")
+@click.option("--artifacts", type=click.Path(file_okay=False), default=None,
+              help="Where the sweep folder goes (default: $EDGEKD_ARTIFACTS or ./artifacts).")
+@click.option("--export/--no-export", "export", default=None,
+              help="Export and validate the distilled students after training [sweep file: export.enabled].")
+@click.option("--dry-run", is_flag=True, help="List the members and what would happen to each; train nothing.")
+@click.pass_obj
+def sweep(obj, sweep_file, overrides, artifacts, export, dry_run) -> None:
+    """Train a teacher, its students, precision variants and no-KD baselines: seed 000's tables in one command.
+
+    Finished members are skipped and an interrupted one is resumed, so running the same command again
+    continues where it stopped. Then: edgekd report <artifacts>/<sweep name>.
+    """
+    from edgekd.runs import artifacts_root
+    from edgekd.sweep import (
+        SweepPlan,
+        load_sweep,
+        member_state,
+        plan_members,
+        run_sweep,
+    )
+
+    root = artifacts_root(artifacts)
+    if dry_run:
+        spec = load_sweep(sweep_file)
+        members = plan_members(spec, list(overrides), root / spec.name)
+        for i, member in enumerate(members, 1):
+            state = member_state(member, root / spec.name)
+            click.echo(f"[{i}/{len(members)}] {member.name:<24} {member.mode:<8} {member.role:<9} "
+                       f"{member.precision:<5} {state.action}")
+        return
+    try:
+        state = run_sweep(SweepPlan(sweep_file, list(overrides), root, export), _sweep_events(obj["quiet"]))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; finished members and epochs are saved. Continue with the same command: "
+                   f"edgekd sweep {sweep_file} {' '.join(f'--set {o}' for o in overrides)}".rstrip(), err=True)
+        sys.exit(130)
+    sweep_dir = root / state["sweep"]
+    click.echo(f"\n{'member':<24} {'role':<9} {'precision':<9} {'status':<14} run folder")
+    for m in state["members"].values():
+        click.echo(f"{m['name']:<24} {m['role']:<9} {m['precision']:<9} {m['status']:<14} {m['run_dir']}")
+    click.echo(f"\nwritten   {sweep_dir / 'sweep.json'}\nnext      edgekd report {sweep_dir}")
 
 
 def main() -> None:
