@@ -446,6 +446,39 @@ def sweep(obj, sweep_file, overrides, artifacts, export, dry_run) -> None:
     click.echo(f"\nwritten   {sweep_dir / 'sweep.json'}\nnext      edgekd report {sweep_dir}")
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where report.md/.html/.json go (default: the sweep folder, or the runs' common folder).")
+@click.option("--artifacts", type=click.Path(file_okay=False), default=None,
+              help="Where to look for the newest sweep when no path is given.")
+def report(paths, out, artifacts) -> None:
+    """Tables I–IV, training curves and confusion matrices of run folders or a sweep folder.
+
+    PATHS are run folders, folders of runs, or a sweep folder (default: the newest sweep under artifacts/).
+    Writes report.md, a self-contained report.html (images inline) and report.json.
+    """
+    from edgekd.report import write_report
+    from edgekd.runs import artifacts_root
+    from edgekd.sweep import find_sweep_dirs
+
+    if not paths:
+        sweeps = find_sweep_dirs(artifacts_root(artifacts))
+        if not sweeps:
+            raise EdgekdError(f"no sweep folder under {artifacts_root(artifacts)}/",
+                              hint="run `edgekd sweep SWEEP_FILE` first, or name run folders or a sweep folder")
+        paths = (str(sweeps[0]),)
+        click.echo(f"using the newest sweep: {sweeps[0]}", err=True)
+    result = write_report(list(paths), out)
+    if result.report.scale_warning:
+        click.secho(result.report.scale_warning, fg="yellow")
+    for table in result.report.tables:
+        click.echo(f"{table.title}: {len(table.rows)} row(s)")
+    for line in result.collection.not_included:
+        click.echo(f"not included: {line}")
+    click.echo(f"written   {', '.join(str(p) for p in result.files)}")
+
+
 def main() -> None:
     cli(prog_name="edgekd")
 
