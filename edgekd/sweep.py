@@ -132,8 +132,9 @@ def _recipe_path(value: str, base: Path, where: str) -> str:
 def plan_members(sweep: Sweep, overrides: typing.Sequence[str], sweep_dir: Path) -> list[Member]:
     """Every member's resolved recipe, in run order; every override is checked before any training.
 
-    Students distil from this sweep's teacher run: teacher.checkpoint is set to its best.pt (the folder
-    the teacher's run will have; `use_teacher_run` corrects it once the teacher has run).
+    Students distil from this sweep's teacher run: teacher.checkpoint is set to its best.pt (the newest
+    teacher run with one, else the folder its first run will have; `use_teacher_run` confirms it once the
+    teacher has run).
     """
     def member(path: str, suffix: str, precision: str, mode: str) -> Recipe:
         name = load_recipe(path).name
@@ -143,7 +144,8 @@ def plan_members(sweep: Sweep, overrides: typing.Sequence[str], sweep_dir: Path)
         return recipe
 
     teacher_name = load_recipe(sweep.teacher).name
-    teacher_checkpoint = (sweep_dir / teacher_name / "best.pt").absolute()
+    teacher_run = latest_run_dir(sweep_dir, teacher_name, needs="best.pt") or sweep_dir / teacher_name
+    teacher_checkpoint = (teacher_run / "best.pt").absolute()
     members = []
     for precision in ["fp32", *sweep.precisions.get(sweep.teacher, [])]:
         recipe = member(sweep.teacher, _suffix(precision), precision, "train")

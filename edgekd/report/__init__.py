@@ -98,7 +98,9 @@ def _curves_section(collection: Collection) -> Section:
     section = Section("Training curves", "Loss and accuracy per epoch, train and validation, as in seed 001's "
                       "figures. A distilled run's train loss is its KD loss; its validation loss is cross-entropy.")
     for record in _ordered(collection.runs):
-        section.figures.append(Figure(f"curves_{record.name}", record.name, plots.curves(record)))
+        caption = (f"{record.name}: best val acc {100 * record.best_acc:.2f}% at epoch "
+                   f"{record.summary.get('best_epoch')} of {len(record.metrics)}, last {100 * record.last_acc:.2f}%")
+        section.figures.append(Figure(f"curves_{record.name}", record.name, plots.curves(record), caption))
     lacking = [r.name for r in collection.runs if not all("train_acc" in m for m in r.metrics)]
     if lacking:
         section.notes.append(f"train accuracy not recorded by {', '.join(lacking)} (older runs log only "
@@ -118,8 +120,10 @@ def _confusion_section(collection: Collection) -> Section:
             section.notes.append(f"{record.name}: no confusion matrix ({exc.message})")
             continue
         title = f"{record.name}: {100 * evaluation['accuracy']:.2f}% on {evaluation['images']} {evaluation['split']} images"
-        section.figures.append(Figure(f"confusion_{record.name}", title,
-                                      plots.confusion(evaluation["confusion"], evaluation["class_names"], title)))
+        per_class = ", ".join(f"{name} {'–' if acc is None else f'{100 * acc:.0f}%'}"
+                              for name, acc in zip(evaluation["class_names"], evaluation["per_class_accuracy"]))
+        section.figures.append(Figure(f"confusion_{record.name}", title, plots.confusion(
+            evaluation["confusion"], evaluation["class_names"], title), f"per-class accuracy: {per_class}"))
     return section
 
 

@@ -63,7 +63,7 @@ def _md_table(table: Table) -> str:
     if not table.rows:
         return "(no rows)"
     lines = ["| " + " | ".join(c.header for c in table.columns) + " |",
-             "|" + "|".join("---" if c.key in ("run", "model", "precision") else "---:" for c in table.columns) + "|"]
+             "|" + "|".join("---" if c.key in TEXT_COLUMNS else "---:" for c in table.columns) + "|"]
     lines += ["| " + " | ".join(table.cell(row, c) for c in table.columns) + " |" for row in table.rows]
     return "\n".join(lines)
 
@@ -79,9 +79,19 @@ th, td { border: 1px solid #ccc; padding: .25em .5em; } th { background: #f0f0f0
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 th.paper, td.paper { background: #eef2f7; color: #445; font-style: italic; }
 .notes { font-size: .85em; color: #555; } .source { color: #666; font-size: .9em; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; max-width: calc(50% - 1em); }
 figure img { max-width: 100%; border: 1px solid #eee; } figcaption { font-size: .8em; color: #555; }
+code { background: #f4f4f4; padding: 0 .2em; }
 """
+
+
+TEXT_COLUMNS = ("run", "model", "precision")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans, the one markdown feature the notes use."""
+    parts = html.escape(text, quote=False).split("`")
+    return "".join(f"<code>{part}</code>" if i % 2 else part for i, part in enumerate(parts))
 
 
 def to_html(report: Report) -> str:
@@ -93,22 +103,22 @@ def to_html(report: Report) -> str:
         out.append(f"<p class='warning'>{e(report.scale_warning)}</p>")
     out.append("<table><tr><th>scale</th><th>these runs</th><th class='paper'>the paper</th></tr>")
     out += [f"<tr><td>{e(w)}</td><td>{e(o)}</td><td class='paper'>{e(t)}</td></tr>" for w, o, t in report.scale]
-    out += ["</table>", f"<p class='notes'>{e(report.legend)}</p>"]
+    out += ["</table>", f"<p class='notes'>{_inline(report.legend)}</p>"]
     for table in report.tables:
         out += [f"<h2 id='table-{table.key}'>{e(table.title)}</h2>", _html_table(table)]
-        out += ["<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in table.notes) + "</ul>"] if table.notes else []
+        out += ["<ul class='notes'>" + "".join(f"<li>{_inline(n)}</li>" for n in table.notes) + "</ul>"] if table.notes else []
     for section in report.sections:
         out.append(f"<h2>{e(section.title)}</h2>")
-        out += [f"<p>{e(section.intro)}</p>"] if section.intro else []
+        out += [f"<p>{_inline(section.intro)}</p>"] if section.intro else []
         out.append("<div class='figures'>")
         for figure in section.figures:
             data = base64.b64encode(figure.png).decode("ascii")
-            out.append(f"<figure><img alt='{e(figure.title)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{e(figure.caption or figure.title)}</figcaption></figure>")
+            caption = f"<figcaption>{_inline(figure.caption)}</figcaption>" if figure.caption else ""
+            out.append(f"<figure><img alt='{e(figure.title)}' src='data:image/png;base64,{data}'>{caption}</figure>")
         out.append("</div>")
-        out += ["<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in section.notes) + "</ul>"] if section.notes else []
+        out += ["<ul class='notes'>" + "".join(f"<li>{_inline(n)}</li>" for n in section.notes) + "</ul>"] if section.notes else []
     if report.not_included:
-        out += ["<h2>Not included</h2>", "<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in report.not_included)
+        out += ["<h2>Not included</h2>", "<ul class='notes'>" + "".join(f"<li>{_inline(n)}</li>" for n in report.not_included)
                 + "</ul>"]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
@@ -123,7 +133,7 @@ def _html_table(table: Table) -> str:
     for row in table.rows:
         cells = []
         for c in table.columns:
-            kind = " ".join(k for k, on in (("paper", c.paper), ("num", c.key not in ("run", "model"))) if on)
+            kind = " ".join(k for k, on in (("paper", c.paper), ("num", c.key not in TEXT_COLUMNS)) if on)
             cells.append(f"<td class='{kind}'>{e(table.cell(row, c))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"

@@ -120,8 +120,8 @@ def _row(record: RunRecord, collection: Collection) -> dict:
         "best_acc_pct": _pct(record.best_acc), "best_epoch": record.summary.get("best_epoch"),
         "last_acc_pct": _pct(record.last_acc), "epochs": len(record.metrics), "s_per_epoch": record.summary.get("seconds_per_epoch"),
         "delta_fp32_pts": _diff(record.best_acc, fp32.best_acc) if fp32 else None,
-        "speed_vs_fp32": (record.summary["seconds_per_epoch"] / fp32.summary["seconds_per_epoch"]
-                          if fp32 and fp32.summary.get("seconds_per_epoch") else None),
+        "speed_vs_fp32": _ratio(record.summary.get("seconds_per_epoch"),
+                                fp32.summary.get("seconds_per_epoch") if fp32 else None),
         "nokd_acc_pct": _pct(baseline.best_acc) if baseline else None,
         "kd_gain_pts": _diff(record.best_acc, baseline.best_acc) if baseline else None,
         "onnx_mb": onnx_mb, "ort_ms": ort_ms,
@@ -137,6 +137,10 @@ def _pct(fraction: float | None) -> float | None:
 
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else 100 * (a - b)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
 
 
 def _model_text(model: dict) -> str:
