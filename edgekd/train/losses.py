@@ -8,7 +8,7 @@ from torch import Tensor
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
-            alpha: float) -> Tensor:
+            alpha: float, label_smoothing: float = 0.0) -> Tensor:
     """Hinton's distillation loss, as both seeds write it:
 
         α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE(s, y)
@@ -23,9 +23,73 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tem
         log_p_student = F.log_softmax(s / temperature, dim=1)
         log_p_teacher = F.log_softmax(t / temperature, dim=1)
         soft = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    hard = F.cross_entropy(s, targets) if alpha < 1 else torch.zeros((), device=s.device)
+    hard = ce_loss(s, targets, label_smoothing) if alpha < 1 else torch.zeros((), device=s.device)
     return alpha * temperature ** 2 * soft + (1 - alpha) * hard
 
 
-def ce_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), targets)
+def ce_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def dkd_term(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
+             alpha: float, beta: float) -> Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022, Eq. 7): KD split into what it says about the target class and
+    what it says about the others, weighted separately,
+
+        DKD = α·TCKD + β·NCKD,  TCKD = KL(b_t ‖ b_s),  NCKD = KL(p̂_t ‖ p̂_s)
+
+    where b = (p_target, 1 − p_target) is the binary target/non-target split of softmax(z/T) and p̂ the
+    softmax over the non-target classes only; both terms × T² and averaged over the batch, as in the
+    authors' code. The training loss adds a full-weight cross-entropy.
+    """
+    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
+    target = F.one_hot(targets, s.shape[1]).bool()
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(t, dim=1)
+    b_s = torch.stack([p_s[target], 1 - p_s[target]], dim=1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[target], 1 - p_t[target]], dim=1).clamp_min(1e-12)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean()
+    # Non-target softmax: the target logit pushed to -inf drops it from the normalisation.
+    log_q_s = F.log_softmax(s.masked_fill(target, float("-inf")), dim=1)
+    log_q_t = F.log_softmax(t.masked_fill(target, float("-inf")), dim=1)
+    q_t = log_q_t.exp()
+    nckd = (q_t * (log_q_t - log_q_s)).masked_fill(target, 0.0).sum(1).mean()
+    return temperature ** 2 * (alpha * tckd + beta * nckd)
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_term(student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float,
+              gamma: float) -> Tensor:
+    """DIST (Huang et al., NeurIPS 2022, Eq. 6–9): match the teacher's relations rather than its exact
+    probabilities, with Pearson correlation ρ of Y = softmax(Z/τ) (batch × classes),
+
+        inter = 1 − mean_i ρ(Y_s[i, :], Y_t[i, :])    (each image's ranking of the classes)
+        intra = 1 − mean_j ρ(Y_s[:, j], Y_t[:, j])    (each class's ranking of the images)
+        DIST  = τ²·(β·inter + γ·intra)
+
+    The training loss adds a full-weight cross-entropy.
+    """
+    y_s = F.softmax(student_logits.float() / temperature, dim=1)
+    y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    inter = 1 - _pearson_rows(y_s, y_t).mean()
+    intra = 1 - _pearson_rows(y_s.T, y_t.T).mean()
+    return temperature ** 2 * (beta * inter + gamma * intra)
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, config,
+                 label_smoothing: float = 0.0, ramp: float = 1.0) -> Tensor:
+    """The training loss of `distill.method` (config is the recipe's DistillConfig); `ramp` (0–1) scales the
+    distillation term during its warm-up."""
+    if config.method == "kd":  # during warm-up the weight moves from cross-entropy to the KD term
+        return kd_loss(student_logits, teacher_logits, targets, config.temperature, config.alpha * min(ramp, 1.0),
+                       label_smoothing)
+    if config.method == "dkd":
+        term = dkd_term(student_logits, teacher_logits, targets, config.temperature, config.dkd_alpha,
+                        config.dkd_beta)
+    else:
+        term = dist_term(student_logits, teacher_logits, config.temperature, config.dist_beta, config.dist_gamma)
+    return ce_loss(student_logits, targets, label_smoothing) + ramp * term

@@ -1,0 +1,107 @@
+"""The distillation losses against hand computations from their papers' definitions (pure Python math)."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from edgekd.train.losses import ce_loss, dist_term, distill_loss, dkd_term, kd_loss
+
+STUDENT = [[1.0, 2.0, 0.5, -0.5], [0.0, -1.0, 3.0, 1.0]]
+TEACHER = [[2.0, 1.0, 0.0, 0.5], [0.5, 0.5, 2.0, -1.0]]
+LABELS = [1, 2]
+
+
+def _softmax(row, T):
+    exps = [math.exp(v / T) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def _tensors():
+    return torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS)
+
+
+def test_dkd_matches_the_papers_decomposition():
+    T, alpha, beta = 2.0, 1.0, 8.0
+    tckd = nckd = 0.0
+    for s_row, t_row, y in zip(STUDENT, TEACHER, LABELS):
+        p_s, p_t = _softmax(s_row, T), _softmax(t_row, T)
+        tckd += _kl([p_t[y], 1 - p_t[y]], [p_s[y], 1 - p_s[y]])
+        # p̂: softmax over the non-target classes only
+        others = [j for j in range(len(s_row)) if j != y]
+        q_s = _softmax([s_row[j] for j in others], T)
+        q_t = _softmax([t_row[j] for j in others], T)
+        nckd += _kl(q_t, q_s)
+    n = len(STUDENT)
+    expected = T * T * (alpha * tckd / n + beta * nckd / n)
+    assert dkd_term(*_tensors(), T, alpha, beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dkd_with_equal_weights_of_one_recovers_classic_kd_up_to_the_target_share():
+    # The paper's Eq. 5: KD = TCKD + (1 - p_t^target) * NCKD.
+    s, t, y = _tensors()
+    T = 3.0
+    p_t = torch.softmax(t / T, 1)[torch.arange(2), y]
+    tckd = dkd_term(s, t, y, T, 1.0, 0.0)
+    per_sample_nckd = [dkd_term(s[i:i + 1], t[i:i + 1], y[i:i + 1], T, 0.0, 1.0) for i in range(2)]
+    rebuilt = tckd + sum((1 - p_t[i]) * per_sample_nckd[i] for i in range(2)) / 2
+    assert rebuilt.item() == pytest.approx(kd_loss(s, t, y, T, 1.0).item(), rel=1e-5)
+
+
+def _pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (z - mb) for x, z in zip(a, b))
+    return cov / (math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((z - mb) ** 2 for z in b)))
+
+
+def test_dist_matches_inter_and_intra_class_pearson_correlation():
+    T, beta, gamma = 2.0, 1.0, 2.0
+    y_s = [_softmax(row, T) for row in STUDENT]
+    y_t = [_softmax(row, T) for row in TEACHER]
+    inter = 1 - sum(_pearson(a, b) for a, b in zip(y_s, y_t)) / len(y_s)
+    columns = range(len(STUDENT[0]))
+    intra = 1 - sum(_pearson([r[j] for r in y_s], [r[j] for r in y_t]) for j in columns) / len(columns)
+    expected = T * T * (beta * inter + gamma * intra)
+    s, t, _ = _tensors()
+    assert dist_term(s, t, T, beta, gamma).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dist_is_zero_only_when_the_student_matches_the_teacher():
+    t = torch.tensor(TEACHER)
+    assert dist_term(t, t, 1.0, 1.0, 1.0).item() == pytest.approx(0.0, abs=1e-5)  # fp32 rounding
+    assert dist_term(torch.tensor(STUDENT), t, 1.0, 1.0, 1.0).item() > 0.05
+
+
+def _config(method, **extra):
+    values = {"method": method, "temperature": 2.0, "alpha": 0.5, "dkd_alpha": 1.0, "dkd_beta": 8.0,
+              "dist_beta": 1.0, "dist_gamma": 1.0}
+    return SimpleNamespace(**{**values, **extra})
+
+
+@pytest.mark.parametrize("method", ["dkd", "dist"])
+def test_dkd_and_dist_add_their_term_to_a_full_cross_entropy(method):
+    s, t, y = _tensors()
+    config = _config(method)
+    term = (dkd_term(s, t, y, 2.0, 1.0, 8.0) if method == "dkd" else dist_term(s, t, 2.0, 1.0, 1.0))
+    smoothed_ce = ce_loss(s, y, 0.1)
+    assert distill_loss(s, t, y, config, 0.1).item() == pytest.approx((smoothed_ce + term).item(), rel=1e-6)
+    # During the warm-up ramp only the distillation term is scaled.
+    assert distill_loss(s, t, y, config, 0.1, ramp=0.25).item() == pytest.approx(
+        (smoothed_ce + 0.25 * term).item(), rel=1e-6)
+
+
+def test_label_smoothing_applies_to_the_hard_term_of_kd():
+    s, t, y = _tensors()
+    n_classes, eps = 4, 0.2
+    expected_ce = 0.0
+    for row, label in zip(STUDENT, LABELS):
+        log_p = [math.log(p) for p in _softmax(row, 1.0)]
+        target = [eps / n_classes + (1 - eps) * (j == label) for j in range(n_classes)]
+        expected_ce -= sum(q * lp for q, lp in zip(target, log_p))
+    expected_ce /= len(STUDENT)
+    assert kd_loss(s, t, y, 2.0, 0.0, label_smoothing=eps).item() == pytest.approx(expected_ce, rel=1e-6)
