@@ -1,0 +1,82 @@
+"""Random augmentation of a whole training batch at once, on the device, from a seeded generator.
+
+Batches come from the decode-once cache as uint8 tensors, so augmentation works on tensors rather than
+PIL images: every geometric change (random resized crop, pad-and-crop shift, horizontal flip) is one
+affine sampling grid per image, applied to the batch with a single grid_sample call. The generator is
+seeded from (seed, epoch, batch), so a resumed run draws exactly the augmentations an uninterrupted one
+would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from edgekd.recipe import AugmentConfig
+
+_LOG_ASPECT = (math.log(3 / 4), math.log(4 / 3))
+
+
+def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 100_003 + batch)
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def _crop_boxes(n: int, size: int, config: AugmentConfig, generator: torch.Generator) -> tuple[Tensor, ...]:
+    """Per image: the crop's half-width and half-height and its centre, in grid units (the image is [-1, 1])."""
+    if config.crop == "resized":
+        area = _uniform(n, config.crop_scale, 1.0, generator)
+        aspect = torch.exp(_uniform(n, *_LOG_ASPECT, generator))
+        width = torch.sqrt(area * aspect).clamp(max=1.0)
+        height = torch.sqrt(area / aspect).clamp(max=1.0)
+        cx = _uniform(n, -1.0, 1.0, generator) * (1 - width)
+        cy = _uniform(n, -1.0, 1.0, generator) * (1 - height)
+        return width, height, cx, cy
+    ones = torch.ones(n)
+    if config.crop == "pad":
+        # Whole-pixel shifts: with align_corners=False they sample pixel centres exactly (no blur).
+        reach = round(config.pad_fraction * size)
+        shift = torch.randint(-reach, reach + 1, (2, n), generator=generator).float() * 2 / size
+        return ones, ones, shift[0], shift[1]
+    return ones, ones, torch.zeros(n), torch.zeros(n)
+
+
+def _geometry(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
+    n, size = pixels.shape[0], pixels.shape[-1]
+    width, height, cx, cy = _crop_boxes(n, size, config, generator)
+    if config.flip:
+        width = width * torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width, cx
+    theta[:, 1, 1], theta[:, 1, 2] = height, cy
+    grid = F.affine_grid(theta.to(pixels.device), list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _color(pixels: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    n = pixels.shape[0]
+    brightness, contrast, saturation = (_uniform(n, 1 - strength, 1 + strength, generator)
+                                        .to(pixels.device).view(n, 1, 1, 1) for _ in range(3))
+    rgb_to_gray = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
+    x = pixels * brightness
+    mean = (x * rgb_to_gray).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = (x * rgb_to_gray).sum(1, keepdim=True)
+    x = (x - gray) * saturation + gray
+    return x.clamp(0, 255)
+
+
+def augment_batch(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """A float (0–255) batch, each image randomly cropped/shifted, flipped and colour-jittered as configured."""
+    x = pixels.float()
+    if config.crop != "none" or config.flip:
+        x = _geometry(x, config, generator)
+    if config.color_jitter > 0:
+        x = _color(x, config.color_jitter, generator)
+    return x
