@@ -82,9 +82,19 @@ class TrainConfig:
     momentum: float = field(default=0.9, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=224, metadata=_POSITIVE)
     epochs: int = field(default=30, metadata=_POSITIVE)
-    scheduler: str = field(default="none", metadata=_choices("none", "step"))
+    # step: lr x gamma every step_size epochs (seed 001). cosine: per batch, from lr down to 0.
+    scheduler: str = field(default="none", metadata=_choices("none", "step", "cosine"))
     step_size: int = field(default=10, metadata=_POSITIVE)
     gamma: float = field(default=0.1, metadata=_POSITIVE)
+    # Linear warm-up from ~0 to lr over this many epochs (counted in batches), before any schedule.
+    warmup_epochs: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    # Cross-entropy against (1 - ε)·one-hot + ε/classes, on the hard-label term only.
+    label_smoothing: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    # Keep an exponential moving average of the weights (decay per batch, warmed up as in timm); it is
+    # the model that is validated, saved to best.pt and exported. null: no EMA.
+    ema_decay: float | None = field(default=None, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    # Clip the global gradient norm to this value before each step. null: no clipping.
+    grad_clip: float | None = field(default=None, metadata=_POSITIVE)
     # Early stopping on validation accuracy; null trains every epoch.
     patience: int | None = field(default=3, metadata=_POSITIVE)
     seed: int = 0
@@ -96,13 +106,42 @@ class TrainConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Random augmentation of training batches (off by default: the seeds use none)."""
+    # resized: random crop of crop_scale..1 of the area, aspect 3/4..4/3, resized back (Inception style).
+    # pad: shift by up to pad_fraction of the side, edges reflected (pad-and-crop, CIFAR style).
+    crop: str = field(default="none", metadata=_choices("none", "resized", "pad"))
+    crop_scale: float = field(default=0.35, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    pad_fraction: float = field(default=0.125, metadata=_check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"))
+    flip: bool = False
+    # Brightness, contrast and saturation each scaled by a random factor in [1 - j, 1 + j].
+    color_jitter: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+
+    @property
+    def active(self) -> bool:
+        return self.crop != "none" or self.flip or self.color_jitter > 0
+
+
+@dataclass
 class DistillConfig:
+    # kd: Hinton's KL (both seeds). dkd: Decoupled KD (Zhao et al., CVPR 2022). dist: DIST, Pearson
+    # correlation between and within classes (Huang et al., NeurIPS 2022). See edgekd/train/losses.py.
+    method: str = field(default="kd", metadata=_choices("kd", "dkd", "dist"))
     temperature: float = field(default=4.0, metadata=_POSITIVE)
-    # Weight of the KD term; 1.0 is seed 000's pure KL, seed 001 uses 0.25.
+    # kd only: weight of the KD term, (1 - alpha) of cross-entropy; 1.0 is seed 000's pure KL, seed 001
+    # uses 0.25. dkd and dist add their terms to a full-weight cross-entropy, as their papers do.
     alpha: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    # dkd: weights of the target-class (TCKD) and non-target-class (NCKD) terms; the paper's CIFAR values.
+    dkd_alpha: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    dkd_beta: float = field(default=8.0, metadata=_NON_NEGATIVE)
+    # dist: weights of the inter-class (per image) and intra-class (per class) relation terms.
+    dist_beta: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    dist_gamma: float = field(default=1.0, metadata=_NON_NEGATIVE)
+    # Ramp the distillation term's weight linearly from 0 to 1 over this many epochs (DKD uses 20 of 240).
+    warmup_epochs: float = field(default=0.0, metadata=_NON_NEGATIVE)
     # Compute the teacher's logits once per dataset instead of on every batch (valid because the
-    # training pixels are the same every epoch). Required when the student's image size differs
-    # from the teacher's.
+    # training pixels are the same every epoch). Ignored, with a log line, when augmentation is on:
+    # the teacher must see the augmented pixels the student sees.
     cache_teacher_logits: bool = True
 
 
@@ -130,6 +169,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     # fp32, bf16, fp16 or fp8; what runs natively and what is simulated depends on the device
@@ -148,7 +188,7 @@ class Recipe:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "teacher": TeacherConfig, "train": TrainConfig,
-            "distill": DistillConfig, "export": ExportConfig}
+            "augment": AugmentConfig, "distill": DistillConfig, "export": ExportConfig}
 TOP_LEVEL = ("name", "description", "precision", *SECTIONS)
 # Spellings users reach for, mapped to the schema's names.
 ALIASES = {("distill", "T"): "temperature", ("train", "learning_rate"): "lr"}
@@ -205,8 +245,16 @@ def recipe_from_dict(raw: dict, origin: str = "recipe") -> Recipe:
     if not _NAME_RE.match(str(kwargs.get("name", ""))):
         raise RecipeError(f"{origin}: name {kwargs.get('name')!r} must be letters, digits, '.', '_' or '-'")
     recipe = Recipe(**kwargs)
+    _check_combinations(recipe, origin)
     _check_model_builds(recipe, origin)
     return recipe
+
+
+def _check_combinations(recipe: Recipe, origin: str) -> None:
+    train = recipe.train
+    if train.warmup_epochs and train.scheduler == "step":
+        raise RecipeError(f"{origin}: train.warmup_epochs works with scheduler none or cosine, not step",
+                          hint="--set train.scheduler=cosine, or --set train.warmup_epochs=0")
 
 
 def _section_from_mapping(cls, raw: Any, where: str):

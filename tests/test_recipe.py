@@ -91,3 +91,31 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def test_paper_recipes_keep_every_improvement_off_and_plus_recipes_turn_them_on():
+    for name in ("intel_teacher", "intel_8block", "intel_10block", "intel_6block", "intel_4block"):
+        recipe = load_recipe(RECIPES / f"{name}.yaml")
+        train = recipe.train
+        assert not recipe.augment.active and recipe.distill.method == "kd" and train.optimizer == "adam"
+        assert (train.weight_decay, train.label_smoothing, train.warmup_epochs) == (0, 0, 0)
+        assert train.scheduler == "none" and train.ema_decay is None and train.grad_clip is None
+    for name in ("intel_teacher_plus", "intel_8block_plus"):
+        recipe = load_recipe(RECIPES / f"{name}.yaml")
+        assert recipe.augment.active and recipe.train.scheduler == "cosine" and recipe.train.ema_decay
+        assert recipe.train.optimizer == "adamw" and recipe.train.weight_decay > 0
+    # Same model as the paper's: the parameter budget does not move.
+    assert load_recipe(RECIPES / "intel_8block_plus.yaml").model.args == load_recipe(
+        RECIPES / "intel_8block.yaml").model.args
+
+
+@pytest.mark.parametrize("override, message", [
+    ("augment.flipp=true", "unknown key augment.flipp; did you mean augment.flip?"),
+    ("distill.method=dkdd", "'dkdd' is not one of kd, dkd, dist; did you mean dkd"),
+    ("augment.crop=random", "'random' is not one of none, resized, pad"),
+    ("train.label_smoothing=1.0", "must be in [0, 1)"),
+    ("train.scheduler=cosin", "did you mean cosine"),
+])
+def test_new_training_options_are_validated(override, message):
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(RECIPES / "intel_8block_plus.yaml", [override])

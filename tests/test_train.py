@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_recipe
+from conftest import RECIPES, write_recipe
 from edgekd.errors import CheckpointError
 from edgekd.recipe import load_recipe
 from edgekd.runs import MetricsLog
@@ -127,11 +127,22 @@ def _strip_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
-@pytest.mark.parametrize("mode", ["train", "distill"])
+# Every option that carries state across batches or epochs: augmentation RNG, per-batch lr schedule,
+# weight average, distillation ramp.
+PLUS = ["augment.crop=resized", "augment.flip=true", "augment.color_jitter=0.2", "train.scheduler=cosine",
+        "train.warmup_epochs=1", "train.ema_decay=0.9", "train.grad_clip=1.0", "train.label_smoothing=0.1",
+        "train.optimizer=adamw", "train.weight_decay=0.05"]
+
+
+@pytest.mark.parametrize("mode, plus", [("train", False), ("distill", False), ("train", True), ("distill", True)],
+                         ids=["train", "distill", "train-plus", "distill-plus"])
 def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, teacher_recipe, student_recipe,
-                                                                   mode):
+                                                                   mode, plus):
     recipe_path = teacher_recipe if mode == "train" else student_recipe
     overrides = ["train.epochs=4", "train.scheduler=step", "train.step_size=1", "train.gamma=0.5"]
+    if plus:
+        overrides = ["train.epochs=4", *PLUS]
+        overrides += ["distill.method=dkd", "distill.warmup_epochs=1"] if mode == "distill" else []
     if mode == "distill":
         run(load_recipe(teacher_recipe), "train", tmp_path / "whole")
         run(load_recipe(teacher_recipe), "train", tmp_path / "cut")
@@ -188,3 +199,54 @@ def test_a_crashed_run_says_so_in_its_summary(tmp_path, teacher_recipe):
     summary = json.loads((tmp_path / "a" / "tiny_teacher" / "summary.json").read_text())
     assert summary["status"] == "failed" and "disk on fire" in summary["error"]
     assert (tmp_path / "a" / "tiny_teacher" / "last.pt").is_file()  # epoch 1 was saved before the crash
+
+
+def test_cosine_schedule_warms_up_then_decays_per_batch():
+    from edgekd.train.trainer import make_scheduler
+
+    recipe = load_recipe(RECIPES / "intel_8block_plus.yaml",
+                         ["train.epochs=3", "train.warmup_epochs=1", "train.lr=1.0"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, recipe, batches_per_epoch=4)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warmup = [0.25, 0.5, 0.75, 1.0]  # one epoch of 4 batches
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]  # from the peak towards 0
+    assert lrs == pytest.approx(warmup + cosine)
+
+
+def test_warmup_with_a_step_schedule_is_refused():
+    from edgekd.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="warmup_epochs works with scheduler none or cosine"):
+        load_recipe(RECIPES / "intel_8block_plus.yaml", ["train.scheduler=step"])
+
+
+def test_ema_weights_are_validated_saved_and_resumable(tmp_path, teacher_recipe):
+    overrides = ["train.epochs=2", "train.ema_decay=0.5"]
+    summary = run(load_recipe(teacher_recipe, overrides), "train", tmp_path / "a")
+    last = torch.load(tmp_path / "a" / summary["run"] / "last.pt", weights_only=True)
+    raw, average = last["train_state"]["raw_state_dict"], last["state_dict"]
+    assert last["train_state"]["ema_updates"] == 2 * 4  # 48 images, batch 12: 4 steps per epoch
+    weight = "net.head.weight" if "net.head.weight" in raw else next(k for k in raw if k.endswith("weight"))
+    assert not torch.equal(raw[weight], average[weight])
+    # What was validated is what was saved: re-evaluating best.pt reproduces the recorded accuracy.
+    from edgekd.evaluate import evaluate_checkpoint
+
+    best = tmp_path / "a" / summary["run"] / "best.pt"
+    assert evaluate_checkpoint(best, split="val").accuracy == pytest.approx(summary["best_val_acc"], abs=1e-6)
+
+
+def test_augmented_distillation_runs_the_teacher_per_batch_and_says_so(tmp_path, teacher_recipe, student_recipe,
+                                                                      caplog):
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "a")
+    student = load_recipe(student_recipe, ["train.epochs=1", "augment.flip=true", "data.image_size=12"])
+    with caplog.at_level("INFO", logger="edgekd"):
+        summary = run(student, "distill", tmp_path / "a")
+    assert "augmentation is on, so the teacher runs on every batch" in caplog.text
+    assert summary["status"] == "finished"  # the 16 px teacher saw each 12 px view resized to 16 px
+    assert not (tmp_path / "cache" / "teacher-logits").exists() or not any(
+        (tmp_path / "cache" / "teacher-logits").iterdir())

@@ -150,17 +150,29 @@ class PrecisionPolicy:
         if self.fake_quant:
             add_fake_quant(model, self.fake_quant)
 
-    def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, clip_norm: float | None = None) -> None:
+        """Backward and one optimizer step; with clip_norm, the global gradient norm is clipped first (on the
+        unscaled gradients when a gradient scaler is in use)."""
         if self.scaler is None:
             loss.backward()
+            _clip(optimizer, clip_norm)
             optimizer.step()
             return
         self.scaler.scale(loss).backward()
+        if clip_norm is not None:
+            self.scaler.unscale_(optimizer)
+            _clip(optimizer, clip_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
 
     def describe(self) -> dict:
         return {"mode": self.mode, "native": self.native, "detail": self.detail}
+
+
+def _clip(optimizer: torch.optim.Optimizer, clip_norm: float | None) -> None:
+    if clip_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
 
 
 def make_policy(mode: str, device: torch.device) -> PrecisionPolicy:

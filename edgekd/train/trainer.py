@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from edgekd.data import Dataset, channel_stats, open_dataset
 from edgekd.errors import CheckpointError, EdgekdError, RecipeError
@@ -26,10 +28,12 @@ from edgekd.models.summary import count_parameters
 from edgekd.recipe import Recipe, dump_recipe, load_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
                          new_run_dir)
-from edgekd.train.batches import Batch, batch_count, iter_batches
 from edgekd.train import distributed
+from edgekd.train.augment import augment_batch, batch_generator
+from edgekd.train.batches import Batch, batch_count, iter_batches
 from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
-from edgekd.train.losses import ce_loss, kd_loss
+from edgekd.train.ema import WeightAverage
+from edgekd.train.losses import ce_loss, distill_loss
 from edgekd.train.precision import PrecisionPolicy, amax_histories, fp8_scales, load_amax_histories, make_policy
 from edgekd.train.teacher_cache import cached_teacher_logits
 
@@ -148,10 +152,28 @@ def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
-    if recipe.train.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, recipe.train.step_size, recipe.train.gamma)
-    return None
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, batches_per_epoch: int):
+    """The lr schedule: StepLR steps once per epoch; warm-up and cosine step once per batch (a small
+    dataset has only a handful of batches per epoch, too coarse for a smooth curve)."""
+    cfg = recipe.train
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    warmup = round(cfg.warmup_epochs * batches_per_epoch)
+    if cfg.scheduler == "none" and warmup == 0:
+        return None
+    if cfg.warmup_epochs >= cfg.epochs:
+        log.warning("train.warmup_epochs (%g) >= train.epochs (%d): the lr never reaches its peak",
+                    cfg.warmup_epochs, cfg.epochs)
+    decay_steps = max(1, cfg.epochs * batches_per_epoch - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "none":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / decay_steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int) -> None:
@@ -179,6 +201,8 @@ class Trainer:
         self.history: list[dict] = []
         self.started = _now()
         self.frozen = recipe.model.freeze == "backbone"
+        self.augment = recipe.augment if recipe.augment.active else None
+        self.ema: WeightAverage | None = None
         self.policy: PrecisionPolicy = make_policy(recipe.precision, device)
         self.precision = self.policy.describe()
 
@@ -197,7 +221,12 @@ class Trainer:
         self.meta = describe_model(cfg.name, cfg.args, self.dataset.class_names, self.dataset.image_size, mean, std)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(trainable, self.recipe)
-        self.scheduler = make_scheduler(self.optimizer, self.recipe)
+        train_cfg = self.recipe.train
+        self.batches_per_epoch = batch_count(len(self.dataset.splits["train"]), train_cfg.batch_size, drop_last=True)
+        self.scheduler = make_scheduler(self.optimizer, self.recipe, self.batches_per_epoch)
+        self.per_batch_schedule = self.scheduler is not None and train_cfg.scheduler != "step"
+        if train_cfg.ema_decay is not None:
+            self.ema = WeightAverage(self.model, train_cfg.ema_decay)
         self.train_model = self.model  # DistributedDataParallel around it once restored (parallelize)
 
     def parallelize(self) -> None:
@@ -205,8 +234,12 @@ class Trainer:
 
     def restore(self, last: dict) -> None:
         """Continue from last.pt: weights, optimizer, scheduler, RNG, early stopping, metrics."""
-        self.model.load_state_dict(last["state_dict"])
         state = last["train_state"]
+        # With an EMA, the checkpoint's state_dict is the average and the raw weights ride in train_state.
+        self.model.load_state_dict(state.get("raw_state_dict") or last["state_dict"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(last["state_dict"])
+            self.ema.updates = state.get("ema_updates", 0)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
@@ -220,6 +253,11 @@ class Trainer:
         self.epoch = last["epoch"]
         self.started = state.get("started", self.started)
         self.history = self.metrics.truncate_to_epoch(self.epoch)
+
+    @property
+    def eval_model(self) -> Classifier:
+        """The model that is validated, checkpointed and exported: the weight average when there is one."""
+        return self.ema.model if self.ema is not None else self.model
 
     # ----- the loop -----------------------------------------------------------------------------------
 
@@ -250,20 +288,23 @@ class Trainer:
         self.callbacks.on_epoch_start(epoch, cfg.epochs, batches)
         set_train_mode(self.train_model, self.frozen)
         start = time.perf_counter()
-        total_loss, seen = 0.0, 0
-        for batch in iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
-                                  shard=(self.dist.rank, self.dist.world)):
-            loss = self._step(batch)
+        total_loss, correct, seen = 0.0, 0, 0
+        for index, batch in enumerate(iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                                   drop_last=True, shard=(self.dist.rank, self.dist.world))):
+            loss, batch_correct = self._step(batch, epoch, index)
             total_loss += loss * len(batch.rows)
+            correct += batch_correct
             seen += len(batch.rows)
             self.callbacks.on_batch(len(batch.rows), loss)
         train_seconds = time.perf_counter() - start
-        total_loss, seen = self.dist.sum(total_loss, seen)
+        total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
         distributed.sync_buffers(self.model, self.dist)
-        if self.scheduler is not None:
+        if self.scheduler is not None and not self.per_batch_schedule:
             self.scheduler.step()
         val = self.dist.broadcast(self._validate() if self.dist.main else None)
-        return {"epoch": epoch, "train_loss": total_loss / seen, "val_loss": val.loss, "val_acc": val.accuracy,
+        # train_acc: on the (augmented) training batches as the weights moved during the epoch.
+        return {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
+                "val_loss": val.loss, "val_acc": val.accuracy,
                 "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
                 "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
                 "precision": self.precision["mode"], "precision_native": self.precision["native"],
@@ -271,7 +312,7 @@ class Trainer:
 
     def _validate(self):
         with self.policy.autocast():  # validation measures the model as it trains: same precision
-            return evaluate_model(self.model, self.dataset.splits["val"], self.dataset.class_names,
+            return evaluate_model(self.eval_model, self.dataset.splits["val"], self.dataset.class_names,
                                   self.recipe.train.batch_size, self.device)
 
     def _teacher_logits(self, batch: Batch, pixels: torch.Tensor) -> torch.Tensor | None:
@@ -279,24 +320,38 @@ class Trainer:
             return torch.from_numpy(self.teacher_logits[batch.rows].astype(np.float32)).to(self.device)
         if self.teacher_model is None:
             return None
+        size = self.teacher_meta["image_size"]
+        if pixels.shape[-1] != size:  # a teacher trained at another resolution sees the same view, resized
+            pixels = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True)
         with torch.no_grad():
             return self.teacher_model(pixels)
 
-    def _step(self, batch: Batch) -> float:
+    def _step(self, batch: Batch, epoch: int, index: int) -> tuple[float, int]:
+        """One optimizer step; returns the batch's loss and how many of its images the model got right."""
         pixels = batch.pixels.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device)
+        if self.augment is not None:
+            pixels = augment_batch(pixels, self.augment, batch_generator(self.recipe.train.seed, epoch, index))
         with self.policy.autocast():
             logits = self.train_model(pixels)
             teacher_logits = self._teacher_logits(batch, pixels)
-        # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
-        if teacher_logits is not None:
-            loss = kd_loss(logits, teacher_logits, labels, self.recipe.distill.temperature,
-                           self.recipe.distill.alpha)
-        else:
-            loss = ce_loss(logits, labels)
+        loss = self._loss(logits, teacher_logits, labels, epoch, index)
         self.optimizer.zero_grad(set_to_none=True)
-        self.policy.backward_and_step(loss, self.optimizer)
-        return float(loss.detach())
+        self.policy.backward_and_step(loss, self.optimizer, self.recipe.train.grad_clip)
+        if self.per_batch_schedule:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(loss.detach()), int((logits.detach().argmax(1) == labels).sum())
+
+    def _loss(self, logits, teacher_logits, labels, epoch: int, index: int) -> torch.Tensor:
+        # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
+        smoothing = self.recipe.train.label_smoothing
+        if teacher_logits is None:
+            return ce_loss(logits, labels, smoothing)
+        warmup = self.recipe.distill.warmup_epochs
+        ramp = min(1.0, (epoch - 1 + (index + 1) / self.batches_per_epoch) / warmup) if warmup > 0 else 1.0
+        return distill_loss(logits, teacher_logits, labels, self.recipe.distill, smoothing, ramp)
 
     def _finish_epoch(self, record: dict) -> None:
         improved = self.stopper.update(record["epoch"], record["val_acc"])
@@ -315,18 +370,20 @@ class Trainer:
     # ----- what lands on disk -------------------------------------------------------------------------
 
     def _payload(self, with_train_state: bool) -> dict:
-        payload = {**self.meta, "state_dict": self.model.state_dict(), "recipe": self.recipe.to_dict(),
+        payload = {**self.meta, "state_dict": self.eval_model.state_dict(), "recipe": self.recipe.to_dict(),
                    "mode": self.mode, "role": "student" if self.mode == "distill" else "teacher",
                    "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"], "precision": self.precision,
                    "run": self.run_dir.name, "teacher": self._teacher_info(), "saved": _now()}
         if self.policy.fake_quant == "fp8":
-            payload["fp8_weight_scales"] = fp8_scales(self.model)
+            payload["fp8_weight_scales"] = fp8_scales(self.eval_model)
         if with_train_state:
             payload["train_state"] = {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "grad_scaler": self.policy.scaler.state_dict() if self.policy.scaler is not None else None,
                 "amax_histories": amax_histories(self.model),
+                "raw_state_dict": self.model.state_dict() if self.ema is not None else None,
+                "ema_updates": self.ema.updates if self.ema is not None else None,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "early_stopping": {k: v for k, v in dataclasses.asdict(self.stopper).items() if k != "patience"},
@@ -340,10 +397,19 @@ class Trainer:
                 "model": self.teacher_meta["model"], "run": self.teacher_meta.get("run")}
 
     def _loss_description(self) -> str:
+        smoothing = self.recipe.train.label_smoothing
+        ce = f"CE (label smoothing {smoothing:g})" if smoothing else "CE"
         if self.teacher_model is None:
-            return "cross-entropy"
+            return ce
         d = self.recipe.distill
-        return f"kd: {d.alpha}*T^2*KL(teacher || student) + {1 - d.alpha:g}*CE, T={d.temperature}"
+        if d.method == "kd":
+            text = f"kd: {d.alpha:g}*T^2*KL(teacher || student) + {1 - d.alpha:g}*{ce}, T={d.temperature:g}"
+        elif d.method == "dkd":
+            text = f"dkd: {ce} + T^2*({d.dkd_alpha:g}*TCKD + {d.dkd_beta:g}*NCKD), T={d.temperature:g}"
+        else:
+            text = (f"dist: {ce} + T^2*({d.dist_beta:g}*inter + {d.dist_gamma:g}*intra Pearson), "
+                    f"T={d.temperature:g}")
+        return text + (f", distillation ramped in over {d.warmup_epochs:g} epochs" if d.warmup_epochs else "")
 
     def _write_summary(self, status: str, error: str | None = None) -> dict:
         summary = {
@@ -376,10 +442,6 @@ def _load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset
     if meta["class_names"] != dataset.class_names:
         raise CheckpointError(f"teacher {path} was trained on classes {meta['class_names']}, this dataset has "
                               f"{dataset.class_names}", hint="distill on the teacher's dataset")
-    if meta["image_size"] != dataset.image_size and not recipe.distill.cache_teacher_logits:
-        raise CheckpointError(f"teacher {path} was trained at {meta['image_size']}px, the student at "
-                              f"{dataset.image_size}px: that needs distill.cache_teacher_logits (the teacher sees "
-                              f"its own resolution once)", hint="--set distill.cache_teacher_logits=true")
     for param in teacher.parameters():
         param.requires_grad = False
     log.debug("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
@@ -467,9 +529,12 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
     if resumed and last is None:
         last = read_checkpoint(run_dir / "last.pt")
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist)
-    if teacher is not None and recipe.distill.cache_teacher_logits:
+    if teacher is not None and recipe.distill.cache_teacher_logits and not recipe.augment.active:
         with dist.node_main_first():
             trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
+    elif teacher is not None and recipe.augment.active:
+        log.info("augmentation is on, so the teacher runs on every batch, on the augmented pixels the student "
+                 "sees (cached teacher logits would describe the un-augmented images)")
     elif teacher is not None:
         log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
     if last is not None:
