@@ -1,0 +1,120 @@
+"""Paper recipe vs improved recipe, and what distillation itself buys: validation accuracy over seeds.
+
+Rows (every one with the same epoch cap, image size, precision and data):
+  teacher  paper      edgekd train   recipes/intel_teacher.yaml
+  teacher  plus       edgekd train   recipes/intel_teacher_plus.yaml
+  8-block  paper kd   edgekd distill recipes/intel_8block.yaml        (from the paper teacher, seed 0)
+  8-block  plus no-KD edgekd train   recipes/intel_8block_plus.yaml   (cross-entropy only)
+  8-block  plus kd / dkd / dist      edgekd distill recipes/intel_8block_plus.yaml --set distill.method=M
+                                     (from the plus teacher, seed 0)
+
+    python benchmarks/accuracy_seeds.py --data ../shared/datasets/intel-sample --image-size 64 \\
+        --epochs 15 --seeds 0 1 2 --precision bf16 --artifacts /tmp/accuracy/artifacts
+
+Each run is an `edgekd` subprocess; a run whose summary says finished or early_stopped is not run again,
+so an interrupted table continues where it stopped. Prints a markdown table of mean ± std (population
+std over the seeds) and writes it with every run's numbers to <artifacts>/accuracy_seeds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DONE = {"finished", "early_stopped"}
+# (label, command, recipe, name prefix, teacher row or None, extra overrides)
+ROWS = [
+    ("teacher · paper recipe", "train", "intel_teacher.yaml", "t_paper", None, []),
+    ("teacher · plus recipe", "train", "intel_teacher_plus.yaml", "t_plus", None, []),
+    ("8-block · paper recipe (kd, T=1, α=1)", "distill", "intel_8block.yaml", "s_paper", "t_paper", []),
+    ("8-block · plus recipe, no KD", "train", "intel_8block_plus.yaml", "s_plus_nokd", None, []),
+    ("8-block · plus recipe, kd", "distill", "intel_8block_plus.yaml", "s_plus_kd", "t_plus",
+     ["distill.method=kd"]),
+    ("8-block · plus recipe, dkd", "distill", "intel_8block_plus.yaml", "s_plus_dkd", "t_plus",
+     ["distill.method=dkd"]),
+    ("8-block · plus recipe, dist", "distill", "intel_8block_plus.yaml", "s_plus_dist", "t_plus",
+     ["distill.method=dist"]),
+]
+
+
+def summary_of(artifacts: Path, name: str) -> dict | None:
+    path = artifacts / name / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_one(args, artifacts: Path, row, seed: int) -> dict:
+    _, command, recipe, prefix, teacher_prefix, extra = row
+    name = f"{prefix}_s{seed}"
+    summary = summary_of(artifacts, name)
+    if summary and summary["status"] in DONE:
+        return summary
+    overrides = [f"name={name}", f"data.root={args.data}", f"data.image_size={args.image_size}",
+                 f"train.epochs={args.epochs}", f"train.seed={seed}", f"precision={args.precision}", *extra]
+    if teacher_prefix:  # every seed of a student learns from the same teacher: seed 0 of its row
+        overrides.append(f"teacher.checkpoint={artifacts / f'{teacher_prefix}_s0' / 'best.pt'}")
+    cmd = [sys.executable, "-m", "edgekd", "-q", command, str(REPO / "recipes" / recipe),
+           "--artifacts", str(artifacts)]
+    if summary:  # an interrupted run continues
+        cmd.append("--resume")
+    for item in overrides:
+        cmd += ["--set", item]
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+    return summary_of(artifacts, name)
+
+
+def last_val_acc(artifacts: Path, name: str) -> float:
+    lines = (artifacts / name / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["val_acc"]
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--only", nargs="*", help="name prefixes of the rows to run (default: all)")
+    args = parser.parse_args()
+    args.data = str(Path(args.data).resolve())
+    rows = [row for row in ROWS if not args.only or row[3] in args.only]
+    results: dict[str, list[dict]] = {row[3]: [] for row in rows}
+    for seed in args.seeds:  # seed by seed, so a partial table already covers every row
+        for row in rows:
+            summary = run_one(args, args.artifacts, row, seed)
+            results[row[3]].append({"seed": seed, "best_val_acc": summary["best_val_acc"],
+                                    "last_val_acc": last_val_acc(args.artifacts, summary["run"]),
+                                    "epochs": summary["epochs_done"], "best_epoch": summary["best_epoch"],
+                                    "seconds_per_epoch": summary["seconds_per_epoch"],
+                                    "precision": summary["precision"], "loss": summary["loss"]})
+    print(f"\nintel-style data {args.data}, {args.image_size}px, epoch cap {args.epochs}, "
+          f"precision {args.precision}, seeds {args.seeds}; val accuracy %, mean ± std over seeds\n")
+    print("| row | best val acc | last-epoch val acc | epochs run | s/epoch |")
+    print("|---|---|---|---|---|")
+    for label, *_rest in rows:
+        runs = results[_rest[2]]
+        print(f"| {label} | {mean_std([r['best_val_acc'] for r in runs])} | "
+              f"{mean_std([r['last_val_acc'] for r in runs])} | "
+              f"{statistics.mean(r['epochs'] for r in runs):.1f} | "
+              f"{statistics.mean(r['seconds_per_epoch'] for r in runs):.1f} |")
+    (args.artifacts / "accuracy_seeds.json").write_text(json.dumps(
+        {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
