@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,8 +61,10 @@ def run_one(args, artifacts: Path, row, seed: int) -> dict:
         overrides.append(f"teacher.checkpoint={artifacts / f'{teacher_prefix}_s0' / 'best.pt'}")
     cmd = [sys.executable, "-m", "edgekd", "-q", command, str(REPO / "recipes" / recipe),
            "--artifacts", str(artifacts)]
-    if summary:  # an interrupted run continues
+    if summary and (artifacts / name / "last.pt").is_file():  # an interrupted run continues
         cmd.append("--resume")
+    elif summary:  # interrupted before its first epoch ended: nothing to keep
+        shutil.rmtree(artifacts / name)
     for item in overrides:
         cmd += ["--set", item]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
