@@ -100,6 +100,16 @@ def test_kd_gain_is_the_student_minus_its_own_baseline(sweep_dir):
     assert fp8["run"] == "s2_fp8" and fp8["kd_gain_pts"] is None  # no fp8 baseline in this sweep
 
 
+def test_a_missing_member_is_named_and_its_cells_say_why(sweep_dir):
+    shutil.rmtree(sweep_dir / "s1_nokd")
+    result = write_report([sweep_dir])
+    rows = {r["run"]: r for r in table(result.report, "II").rows}
+    assert rows["s1"]["kd_gain_pts"] is None and rows["s2"]["kd_gain_pts"] is not None
+    assert "KD gain –: no no-KD baseline of s1 among these runs." in table(result.report, "II").notes
+    assert any(line.startswith("s1_nokd: its run folder") for line in result.collection.not_included)
+    assert "## Not included" in (sweep_dir / "report.md").read_text()
+
+
 def test_loose_run_folders_pair_students_with_their_baselines_too(sweep_dir):
     runs = [sweep_dir / name for name in ("t", "s2", "s2_nokd", "s1", "s1_nokd")]
     collection = collect(runs)

@@ -37,8 +37,9 @@ def build_report(collection: Collection) -> Report:
     scale, warning = _scale(collection)
     sweep = collection.sweep
     title = f"edgekd report: {sweep['sweep']}" if sweep else f"edgekd report: {len(collection.runs)} runs"
-    source = (f"Sweep {sweep['sweep_file']}" + (f" with --set {' '.join(sweep['overrides'])}" if sweep.get("overrides")
-                                                 else "") if sweep else "Runs: " + ", ".join(r.name for r in collection.runs))
+    overrides = "".join(f" --set {o}" for o in (sweep or {}).get("overrides", []))
+    source = (f"Sweep {sweep['sweep_file']}{overrides}" if sweep
+              else "Runs: " + ", ".join(r.name for r in collection.runs))
     source += f". Reference columns (shaded): {paper.CITATION}."
     return Report(title, scale, warning, LEGEND, tables, [s for s in sections if s.figures or s.notes],
                   collection.not_included, source)

@@ -106,8 +106,10 @@ def _expand(path: Path, out: Collection) -> list[tuple[Path, dict | None]]:
         for entry in state.get("members", {}).values():
             if entry.get("run_dir") and (path / entry["run_dir"]).is_dir():
                 found.append((path / entry["run_dir"], entry))
+            elif entry.get("run_dir"):
+                out.not_included.append(f"{entry.get('name')}: its run folder {path / entry['run_dir']} is missing")
             else:
-                out.not_included.append(f"{entry.get('name')}: {entry.get('status', 'pending')}, no run folder yet")
+                out.not_included.append(f"{entry.get('name')}: {entry.get('status', 'pending')}, not run yet")
         return found
     if (path / "summary.json").is_file():
         return [(path, None)]

@@ -76,7 +76,8 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 
 .warning { background: #fff3cd; border: 1px solid #e0c36a; padding: .6em 1em; font-weight: 600; }
 table { border-collapse: collapse; font-size: .85em; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: .25em .5em; } th { background: #f0f0f0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } td { white-space: nowrap; }
+td.model { white-space: normal; }
 th.paper, td.paper { background: #eef2f7; color: #445; font-style: italic; }
 .notes { font-size: .85em; color: #555; } .source { color: #666; font-size: .9em; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; max-width: calc(50% - 1em); }
@@ -133,7 +134,8 @@ def _html_table(table: Table) -> str:
     for row in table.rows:
         cells = []
         for c in table.columns:
-            kind = " ".join(k for k, on in (("paper", c.paper), ("num", c.key not in TEXT_COLUMNS)) if on)
+            kind = " ".join(k for k, on in (("paper", c.paper), ("num", c.key not in TEXT_COLUMNS),
+                                            ("model", c.key == "model")) if on)
             cells.append(f"<td class='{kind}'>{e(table.cell(row, c))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
