@@ -3,8 +3,8 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import RECIPES, write_recipe
+
 from edgekd.cli import cli
 from edgekd.errors import EdgekdError, RecipeError
 from edgekd.sweep import SweepEvents, SweepPlan, load_sweep, plan_members, run_sweep
