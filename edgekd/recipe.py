@@ -198,21 +198,26 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `section.key=value` overrides and validate everything once."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} does not exist",
-                          hint="pass a YAML recipe, for example recipes/quickstart_teacher.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (data:, model:, train:, ...)")
-    raw.setdefault("name", path.stem)
+    raw = read_yaml_mapping(path, "recipe", "recipes/quickstart_teacher.yaml", "sections (data:, model:, train:, ...)")
     apply_overrides(raw, overrides)
     recipe = recipe_from_dict(raw, origin=str(path))
     recipe.source = str(path.resolve())
     _resolve_paths(recipe, path.parent)
     return recipe
+
+
+def read_yaml_mapping(path: Path, kind: str, example: str, shape: str) -> dict:
+    """The YAML mapping in a recipe or sweep file, its name defaulting to the file's stem."""
+    if not path.is_file():
+        raise RecipeError(f"{kind} file {str(path)!r} does not exist", hint=f"pass a YAML {kind}, for example {example}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a {kind} is a mapping of {shape}")
+    raw.setdefault("name", path.stem)
+    return raw
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> None:
@@ -232,16 +237,16 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> None:
 
 
 def recipe_from_dict(raw: dict, origin: str = "recipe") -> Recipe:
-    _reject_unknown(raw, TOP_LEVEL, origin, "")
+    reject_unknown(raw, TOP_LEVEL, origin, "")
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in SECTIONS:
-            parse = _model_from_mapping if key == "model" else _section_from_mapping
+            parse = _model_from_mapping if key == "model" else section_from_mapping
             kwargs[key] = parse(SECTIONS[key], value, f"{origin}: {key}")
     hints = typing.get_type_hints(Recipe)
     for f in dataclasses.fields(Recipe):
         if f.name in raw and f.name not in SECTIONS:
-            kwargs[f.name] = _validate(raw[f.name], hints[f.name], f.metadata, f"{origin}: {f.name}")
+            kwargs[f.name] = validate_value(raw[f.name], hints[f.name], f.metadata, f"{origin}: {f.name}")
     if not _NAME_RE.match(str(kwargs.get("name", ""))):
         raise RecipeError(f"{origin}: name {kwargs.get('name')!r} must be letters, digits, '.', '_' or '-'")
     recipe = Recipe(**kwargs)
@@ -257,7 +262,7 @@ def _check_combinations(recipe: Recipe, origin: str) -> None:
                           hint="--set train.scheduler=cosine, or --set train.warmup_epochs=0")
 
 
-def _section_from_mapping(cls, raw: Any, where: str):
+def section_from_mapping(cls, raw: Any, where: str):
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
@@ -265,9 +270,9 @@ def _section_from_mapping(cls, raw: Any, where: str):
     section = where.rsplit(": ", 1)[-1]
     raw = {ALIASES.get((section, k), k): v for k, v in raw.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(raw, list(fields), where, f"{section}.")
+    reject_unknown(raw, list(fields), where, f"{section}.")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _validate(v, hints[k], fields[k].metadata, f"{where}.{k}") for k, v in raw.items()})
+    return cls(**{k: validate_value(v, hints[k], fields[k].metadata, f"{where}.{k}") for k, v in raw.items()})
 
 
 def _model_from_mapping(cls, raw: Any, where: str) -> ModelConfig:
@@ -275,13 +280,13 @@ def _model_from_mapping(cls, raw: Any, where: str) -> ModelConfig:
 
     raw = dict(raw or {})
     own = {k: raw.pop(k) for k in ("name", "pretrained", "freeze") if k in raw}
-    config = _section_from_mapping(cls, own, where)
+    config = section_from_mapping(cls, own, where)
     if config.name not in model_names():
         raise RecipeError(f"{where}.name: unknown model {config.name!r}{_suggest(config.name, model_names())}",
                           hint=f"valid models: {', '.join(model_names())}")
     params = builder_params(config.name)
-    _reject_unknown(raw, [*params, "name", "pretrained", "freeze"], where, "model.")
-    config.args = {k: _validate(v, params[k], {}, f"{where}.{k}") for k, v in raw.items()}
+    reject_unknown(raw, [*params, "name", "pretrained", "freeze"], where, "model.")
+    config.args = {k: validate_value(v, params[k], {}, f"{where}.{k}") for k, v in raw.items()}
     return config
 
 
@@ -296,7 +301,7 @@ def _check_model_builds(recipe: Recipe, origin: str) -> None:
         raise RecipeError(f"{origin}: model: {exc}") from exc
 
 
-def _reject_unknown(raw: dict, valid: typing.Sequence[str], where: str, prefix: str) -> None:
+def reject_unknown(raw: dict, valid: typing.Sequence[str], where: str, prefix: str) -> None:
     for key in raw:
         if key not in valid:
             raise RecipeError(f"{where}: unknown key {prefix}{key}{_suggest(str(key), valid, prefix)}",
@@ -308,7 +313,7 @@ def _suggest(word: str, valid: typing.Iterable[str], prefix: str = "") -> str:
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
-def _validate(value: Any, hint: Any, metadata: typing.Mapping, where: str) -> Any:
+def validate_value(value: Any, hint: Any, metadata: typing.Mapping, where: str) -> Any:
     value = _coerce(value, hint, where)
     if value is None:
         return None

@@ -27,10 +27,11 @@ from edgekd.errors import EdgekdError, RecipeError
 from edgekd.recipe import (  # the recipe's own validators: a sweep file is checked as a recipe is
     PRECISIONS,
     Recipe,
-    _reject_unknown,
-    _section_from_mapping,
-    _validate,
     load_recipe,
+    read_yaml_mapping,
+    reject_unknown,
+    section_from_mapping,
+    validate_value,
 )
 from edgekd.runs import atomic_write_json, latest_run_dir, read_summary
 
@@ -85,25 +86,16 @@ class Member:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; member recipe paths become absolute (relative to the sweep file)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"sweep file {str(path)!r} does not exist",
-                          hint="pass a sweep YAML, for example recipes/intel_sweep.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a sweep is a mapping (name:, teacher:, students:, ...)")
-    raw.setdefault("name", path.stem)
+    raw = read_yaml_mapping(path, "sweep", "recipes/intel_sweep.yaml", "keys (name:, teacher:, students:, ...)")
     where = str(path)
     keys = [f.name for f in dataclasses.fields(Sweep) if f.name != "source"]
-    _reject_unknown(raw, keys, where, "")
+    reject_unknown(raw, keys, where, "")
     if not raw.get("teacher"):
         raise RecipeError(f"{where}: a sweep needs a teacher recipe", hint="teacher: intel_teacher.yaml")
     hints = typing.get_type_hints(Sweep)
     fields = {f.name: f for f in dataclasses.fields(Sweep)}
-    kwargs = {k: _validate(v, hints[k], fields[k].metadata, f"{where}: {k}") for k, v in raw.items() if k != "export"}
-    kwargs["export"] = _section_from_mapping(SweepExport, raw.get("export"), f"{where}: export")
+    kwargs = {k: validate_value(v, hints[k], fields[k].metadata, f"{where}: {k}") for k, v in raw.items() if k != "export"}
+    kwargs["export"] = section_from_mapping(SweepExport, raw.get("export"), f"{where}: export")
     sweep = Sweep(**kwargs, source=str(path.resolve()))
     _check_precisions(sweep, where)
     sweep.teacher = _recipe_path(sweep.teacher, path.parent, f"{where}: teacher")
@@ -114,10 +106,10 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def _check_precisions(sweep: Sweep, where: str) -> None:
     members = [sweep.teacher, *sweep.students]
-    _reject_unknown(sweep.precisions, members, f"{where}: precisions", "")
+    reject_unknown(sweep.precisions, members, f"{where}: precisions", "")
     extra = tuple(p for p in PRECISIONS if p != "fp32")
     for key, values in sweep.precisions.items():
-        _validate(values, list[str], {"check": (lambda v: set(v) <= set(extra), f"may only name {', '.join(extra)}")},
+        validate_value(values, list[str], {"check": (lambda v: set(v) <= set(extra), f"may only name {', '.join(extra)}")},
                   f"{where}: precisions.{key}")
 
 

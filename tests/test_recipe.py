@@ -7,7 +7,12 @@ from edgekd.recipe import load_recipe, recipe_from_dict
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_loads(path):
+def test_every_shipped_recipe_and_sweep_loads(path):
+    if path.stem.endswith("_sweep"):
+        from edgekd.sweep import load_sweep
+
+        assert load_sweep(path).name == path.stem
+        return
     recipe = load_recipe(path)
     assert recipe.name == path.stem
 
