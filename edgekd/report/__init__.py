@@ -162,8 +162,7 @@ def _scale(collection: Collection) -> tuple[list[tuple[str, str, str]], str | No
     planned = sorted({r.summary.get("epochs_planned") for r in runs if r.summary.get("epochs_planned")})
     done = sorted({len(r.metrics) for r in runs})
     batches = sorted({r.recipe.get("train", {}).get("batch_size") for r in runs if r.recipe.get("train")})
-    devices = sorted({f"{r.summary.get('device_name') or r.summary.get('device')} "
-                      f"({r.summary.get('torch_threads')} torch threads)" for r in runs})
+    devices = sorted({_device_text(r.summary) for r in runs})
     precisions = sorted({f"{r.precision} {'native' if r.precision_native else 'simulated'}" for r in runs},
                         key=lambda p: ("fp32", "bf16", "fp16", "fp8").index(p.split()[0]))
     roots = sorted({str(d.get("root")) for d in datasets})
@@ -186,3 +185,9 @@ def _scale(collection: Collection) -> tuple[list[tuple[str, str, str]], str | No
 
 def _join(values) -> str:
     return ", ".join(values) or "–"
+
+
+def _device_text(summary: dict) -> str:
+    threads = summary.get("torch_threads")
+    return (f"{summary.get('device_name') or summary.get('device')} "
+            f"({threads} torch thread{'' if threads == 1 else 's'})")

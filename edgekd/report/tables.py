@@ -73,23 +73,41 @@ def build_tables(collection: Collection) -> list[Table]:
     runs = collection.runs
     teachers = [r for r in runs if r.role == "teacher"]
     students = [r for r in runs if r.role == "student"]
-    varied = {r.base for r in students if r.precision != "fp32"}
     tables = [
-        _table("I", "Table I — teacher", [r for r in teachers if r.precision == "fp32"], collection,
+        # Tables I and II hold each model at its reference precision (fp32 when it ran, else the highest
+        # that did), beside the paper's fp32 numbers; III and IV the models trained at several precisions.
+        _table("I", "Table I — teacher", _reference_runs(teachers), collection,
                [RUN, MODEL, PARAMS, MACS, BEST, EPOCH, LAST, SECONDS, ONNX_MB, ORT_MS, PAPER_PARAMS, PAPER_ACC,
                 PAPER_SECONDS]),
         _table("II", "Table II — weight reduction: distilled students",
-               sorted((r for r in students if r.precision == "fp32"), key=lambda r: -r.model.get("parameters", 0)),
+               sorted(_reference_runs(students), key=lambda r: -r.model.get("parameters", 0)),
                collection, [RUN, MODEL, PARAMS, MACS, BEST, EPOCH, LAST, NOKD, GAIN, SECONDS, ONNX_MB, ORT_MS,
                             PAPER_PARAMS, PAPER_ACC, PAPER_SECONDS]),
-        _table("III", "Table III — training precision: teacher", _by_precision(teachers), collection,
+        _table("III", "Table III — training precision: teacher", _by_precision(_varied(teachers)), collection,
                [RUN, PRECISION, BEST, EPOCH, LAST, DELTA, SECONDS, SPEED, ONNX_MB, ORT_MS, PAPER_ACC, PAPER_SECONDS]),
         _table("IV", "Table IV — training precision: students",
-               _by_precision([r for r in students if r.base in varied]), collection,
+               _by_precision(_varied(students)), collection,
                [RUN, PRECISION, BEST, EPOCH, LAST, DELTA, NOKD, GAIN, SECONDS, SPEED, ONNX_MB, ORT_MS, PAPER_ACC,
                 PAPER_SECONDS]),
     ]
     return tables
+
+
+def _reference_runs(records: list[RunRecord]) -> list[RunRecord]:
+    best: dict[str, RunRecord] = {}
+    for record in records:
+        current = best.get(record.base)
+        if current is None or _precision_rank(record.precision) < _precision_rank(current.precision):
+            best[record.base] = record
+    return [r for r in records if best[r.base] is r]
+
+
+def _varied(records: list[RunRecord]) -> list[RunRecord]:
+    """The runs of models trained at more than one precision."""
+    precisions: dict[str, set[str]] = {}
+    for record in records:
+        precisions.setdefault(record.base, set()).add(record.precision)
+    return [r for r in records if len(precisions[r.base]) > 1]
 
 
 def _by_precision(records: list[RunRecord]) -> list[RunRecord]:
@@ -102,15 +120,16 @@ def _precision_rank(precision: str) -> int:
 
 
 def _table(key: str, title: str, records: list[RunRecord], collection: Collection, columns: list[Column]) -> Table:
-    table = Table(key, title, columns, [_row(r, collection) for r in records])
-    table.notes = _notes(records, collection, {c.key for c in columns})
+    paper_precision = "fp32" if key in ("I", "II") else None  # the paper's Tables I-II are its fp32 runs
+    table = Table(key, title, columns, [_row(r, collection, paper_precision) for r in records])
+    table.notes = _notes(records, collection, {c.key for c in columns}, paper_precision)
     if not records:
         table.notes.insert(0, _empty_reason(key))
     return table
 
 
-def _row(record: RunRecord, collection: Collection) -> dict:
-    reference = paper.reference(record.model, record.precision)
+def _row(record: RunRecord, collection: Collection, paper_precision: str | None = None) -> dict:
+    reference = paper.reference(record.model, paper_precision or record.precision)
     fp32 = _fp32_sibling(record, collection)
     baseline = _baseline(record, collection)
     onnx_mb, ort_ms = _onnx(record)
@@ -183,7 +202,8 @@ def _onnx(record: RunRecord) -> tuple[dict | None, dict | None]:
     return None, None
 
 
-def _notes(records: list[RunRecord], collection: Collection, columns: set[str]) -> list[str]:
+def _notes(records: list[RunRecord], collection: Collection, columns: set[str],
+           paper_precision: str | None) -> list[str]:
     notes = []
     if "onnx_mb" in columns:
         unexported = [r.name for r in records if not r.validation and not r.exports()]
@@ -203,7 +223,7 @@ def _notes(records: list[RunRecord], collection: Collection, columns: set[str]) 
         if lacking:
             notes.append(f"KD gain –: no no-KD baseline of {', '.join(lacking)} among these runs.")
     if "paper_acc" in columns:
-        foreign = [r.name for r in records if not paper.reference(r.model, r.precision)]
+        foreign = [r.name for r in records if not paper.reference(r.model, paper_precision or r.precision)]
         if foreign:
             notes.append(f"paper columns –: the paper has no row for {', '.join(foreign)} "
                          f"(its rows: paper_cnn at width 16 with 12/10/8/6/4 blocks; fp16/fp8 for 12 and 8).")
@@ -212,6 +232,6 @@ def _notes(records: list[RunRecord], collection: Collection, columns: set[str]) 
 
 def _empty_reason(key: str) -> str:
     return {"I": "no teacher run (a trained run that is no student's baseline) among these runs.",
-            "II": "no distilled fp32 student among these runs.",
-            "III": "no teacher run among these runs.",
+            "II": "no distilled student among these runs.",
+            "III": "no teacher trained at more than one precision among these runs.",
             "IV": "no student trained at more than one precision among these runs."}[key]
