@@ -71,6 +71,9 @@ class TeacherConfig:
     # A teacher checkpoint (best.pt), or the teacher's recipe whose latest run produced one.
     checkpoint: str | None = None
     recipe: str | None = None
+    # More checkpoints (.pt files or run folders) that teach together with the one above: their logits
+    # are averaged (an ensemble teacher, Hinton et al. 2015). Same classes and image size required.
+    ensemble: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -377,6 +380,7 @@ def _resolve_paths(recipe: Recipe, recipe_dir: Path) -> None:
         value = getattr(obj, attr)
         if value:
             setattr(obj, attr, os.path.abspath(Path(value).expanduser()))
+    teacher.ensemble = [os.path.abspath(Path(value).expanduser()) for value in teacher.ensemble]
     if teacher.recipe:
         candidate = Path(teacher.recipe).expanduser()
         if not candidate.is_absolute() and not candidate.exists() and (recipe_dir / candidate).exists():

@@ -250,3 +250,21 @@ def test_augmented_distillation_runs_the_teacher_per_batch_and_says_so(tmp_path,
     assert summary["status"] == "finished"  # the 16 px teacher saw each 12 px view resized to 16 px
     assert not (tmp_path / "cache" / "teacher-logits").exists() or not any(
         (tmp_path / "cache" / "teacher-logits").iterdir())
+
+
+def test_an_ensemble_teacher_averages_its_members_logits(tmp_path, teacher_recipe, student_recipe):
+    from edgekd.train.trainer import TeacherEnsemble
+
+    first = run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "a")
+    second = run(load_recipe(teacher_recipe, ["train.epochs=1", "train.seed=1"]), "train", tmp_path / "a")
+    paths = [tmp_path / "a" / s["run"] / "best.pt" for s in (first, second)]
+    members = [load_model(path)[0] for path in paths]
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(TeacherEnsemble(members)(pixels), (members[0](pixels) + members[1](pixels)) / 2)
+    summary = run(load_recipe(student_recipe, ["train.epochs=1", f"teacher.checkpoint={paths[0]}",
+                                               f"teacher.ensemble=[{paths[1]}]"]), "distill", tmp_path / "a")
+    assert summary["teacher"]["model"]["name"] == "ensemble of 2"
+    assert summary["teacher"]["checkpoint"] == f"{paths[0]} + {paths[1]}"
+    with pytest.raises(CheckpointError, match="teacher.ensemble member"):
+        run(load_recipe(student_recipe, [f"teacher.ensemble=[{tmp_path / 'missing.pt'}]"]), "distill", tmp_path / "a")

@@ -8,6 +8,7 @@ state, so `--resume` continues with the next epoch exactly as an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -101,16 +102,26 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cuda")
 
 
+def _checkpoint_file(value: str, key: str) -> Path:
+    path = Path(value).absolute()
+    path = path / "best.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"{key} {path} does not exist",
+                              hint="train the teacher first (`edgekd train <teacher recipe>`)")
+    return path
+
+
+def resolve_teachers(recipe: Recipe, artifacts: Path) -> list[Path]:
+    """Every teacher checkpoint: the main one, then the ensemble's."""
+    return [resolve_teacher(recipe, artifacts),
+            *(_checkpoint_file(value, "teacher.ensemble member") for value in recipe.teacher.ensemble)]
+
+
 def resolve_teacher(recipe: Recipe, artifacts: Path) -> Path:
     """The teacher checkpoint a distillation recipe names (directly, or via the teacher's recipe)."""
     teacher = recipe.teacher
     if teacher.checkpoint:
-        path = Path(teacher.checkpoint).absolute()
-        path = path / "best.pt" if path.is_dir() else path
-        if not path.is_file():
-            raise CheckpointError(f"teacher.checkpoint {path} does not exist",
-                                  hint="train the teacher first (`edgekd train <teacher recipe>`)")
-        return path
+        return _checkpoint_file(teacher.checkpoint, "teacher.checkpoint")
     if teacher.recipe:
         teacher_name = load_recipe(teacher.recipe).name
         run_dir = latest_run_dir(artifacts, teacher_name, needs="best.pt")
@@ -435,8 +446,34 @@ class Trainer:
 
 # ----- entry point --------------------------------------------------------------------------------------
 
+class TeacherEnsemble(torch.nn.Module):
+    """Several teachers as one: the mean of their logits."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(pixels).float() for member in self.members]).mean(0)
+
+
 def _load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset: Dataset):
-    path = resolve_teacher(recipe, artifacts)
+    loaded = [_load_one_teacher(path, device, dataset) for path in resolve_teachers(recipe, artifacts)]
+    if len(loaded) == 1:
+        return loaded[0]
+    metas = [meta for _, meta in loaded]
+    if len({meta["image_size"] for meta in metas}) > 1:
+        raise CheckpointError("teacher.ensemble members were trained at different image sizes: "
+                              f"{[meta['image_size'] for meta in metas]}", hint="use teachers of one image size")
+    meta = {**metas[0], "path": " + ".join(str(m["path"]) for m in metas),
+            "sha256": hashlib.sha256("".join(m["sha256"] for m in metas).encode()).hexdigest(),
+            "model": {"name": f"ensemble of {len(metas)}", "members": [m["model"] for m in metas]},
+            "run": " + ".join(str(m.get("run")) for m in metas)}
+    log.info("teacher: an ensemble of %d checkpoints (mean of their logits)", len(metas))
+    return TeacherEnsemble([model for model, _ in loaded]).eval(), meta
+
+
+def _load_one_teacher(path: Path, device: torch.device, dataset: Dataset):
     teacher, meta = load_model(path, device)
     meta["sha256"] = file_sha256(path)
     if meta["class_names"] != dataset.class_names:
@@ -507,7 +544,7 @@ def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distrib
     if recipe.train.optimizer == "adam8bit":
         bitsandbytes_module()
     if mode == "distill":
-        resolve_teacher(recipe, artifacts)
+        resolve_teachers(recipe, artifacts)
     elif recipe.teacher.checkpoint or recipe.teacher.recipe:
         log.info("the recipe names a teacher; `edgekd train` ignores it and trains with cross-entropy only")
     if dist.active and recipe.train.batch_size % dist.world:
