@@ -41,12 +41,24 @@ class Row:
     teacher: str | None = None  # the row whose seed-0 run is the teacher
     overrides: tuple[str, ...] = ()
     seeds: tuple[int, ...] | None = None  # only these seeds (None: all)
+    ensemble: bool = False  # the teacher is every seed's run of the teacher row, averaged
 
 
-def _plus_kd_rows(teacher: str, prefix: str, label: str, seeds=None) -> list[Row]:
+def _teacher_overrides(row: Row, artifacts: Path, seeds: list[int]) -> list[str]:
+    if not row.teacher:
+        return []
+    # every seed of a student learns from the same teacher: seed 0 of its row (or all its seeds)
+    first, *others = seeds if row.ensemble else seeds[:1]
+    ensemble = ", ".join(str(artifacts / f"{row.teacher}_s{seed}" / "best.pt") for seed in others)
+    return [f"teacher.checkpoint={artifacts / f'{row.teacher}_s{first}' / 'best.pt'}",
+            *([f"teacher.ensemble=[{ensemble}]"] if others else [])]
+
+
+def _plus_kd_rows(teacher: str, prefix: str, label: str, seeds=None, ensemble=False,
+                  methods=("kd", "dkd", "dist")) -> list[Row]:
     return [Row(f"8-block · plus recipe, {method} {label}", "distill", "intel_8block_plus.yaml",
-                f"{prefix}_{method}", teacher, (f"distill.method={method}",), seeds)
-            for method in ("kd", "dkd", "dist")]
+                f"{prefix}_{method}", teacher, (f"distill.method={method}",), seeds, ensemble)
+            for method in methods]
 
 
 ROWS = [
@@ -59,7 +71,10 @@ ROWS = [
     # weaker than the student it teaches, so these rows run for the first seed only, as a finding.
     *_plus_kd_rows("t_plus", "s_plus", "from the 12-block plus teacher", seeds=(0,)),
     # Born-again distillation (Furlanello et al., 2018): the teacher is the no-KD 8-block of seed 0.
-    *_plus_kd_rows("s_plus_nokd", "s_plus_ba", "from the no-KD 8-block (born-again)"),
+    *_plus_kd_rows("s_plus_nokd", "s_plus_ba", "from the no-KD 8-block (born-again)", seeds=(0,),
+                   methods=("kd", "dkd")),
+    # Hinton et al.'s setting: an ensemble teacher, here the no-KD 8-blocks of every seed (logits averaged).
+    *_plus_kd_rows("s_plus_nokd", "s_plus_ens", "from the ensemble of the no-KD 8-blocks", ensemble=True),
 ]
 
 
@@ -75,8 +90,7 @@ def run_one(args, artifacts: Path, row: Row, seed: int) -> dict:
         return summary
     overrides = [f"name={name}", f"data.root={args.data}", f"data.image_size={args.image_size}",
                  f"train.epochs={args.epochs}", f"train.seed={seed}", f"precision={args.precision}", *row.overrides]
-    if row.teacher:  # every seed of a student learns from the same teacher: seed 0 of its row
-        overrides.append(f"teacher.checkpoint={artifacts / f'{row.teacher}_s0' / 'best.pt'}")
+    overrides += _teacher_overrides(row, artifacts, args.seeds)
     cmd = [sys.executable, "-m", "edgekd", "-q", row.command, str(REPO / "recipes" / row.recipe),
            "--artifacts", str(artifacts)]
     if summary and (artifacts / name / "last.pt").is_file():  # an interrupted run continues
@@ -115,17 +129,22 @@ def main() -> None:
     args.data = str(Path(args.data).resolve())
     rows = [row for row in ROWS if not args.only or row.prefix in args.only]
     results: dict[str, list[dict]] = {row.prefix: [] for row in rows}
-    for seed in args.seeds:  # seed by seed, so a partial table already covers every row
-        for row in rows:
-            if row.seeds is not None and seed not in row.seeds:
-                continue
-            summary = run_one(args, args.artifacts, row, seed)
-            results[row.prefix].append({"seed": seed, "best_val_acc": summary["best_val_acc"],
-                                        "last_val_acc": last_val_acc(args.artifacts, summary["run"]),
-                                        "epochs": summary["epochs_done"], "best_epoch": summary["best_epoch"],
-                                        "seconds_per_epoch": summary["seconds_per_epoch"],
-                                        "precision": summary["precision"], "loss": summary["loss"],
-                                        "teacher": summary["teacher"]})
+    # The no-KD students first (an ensemble teacher needs every seed of them), then ensemble-taught
+    # students, then everything else seed by seed.
+    first = [row for row in rows if any(other.ensemble and other.teacher == row.prefix for other in rows)]
+    order = [(row, seed) for row in first for seed in args.seeds]
+    order += [(row, seed) for row in rows if row.ensemble for seed in args.seeds]
+    order += [(row, seed) for seed in args.seeds for row in rows if row not in first and not row.ensemble]
+    for row, seed in order:
+        if row.seeds is not None and seed not in row.seeds:
+            continue
+        summary = run_one(args, args.artifacts, row, seed)
+        results[row.prefix].append({"seed": seed, "best_val_acc": summary["best_val_acc"],
+                                    "last_val_acc": last_val_acc(args.artifacts, summary["run"]),
+                                    "epochs": summary["epochs_done"], "best_epoch": summary["best_epoch"],
+                                    "seconds_per_epoch": summary["seconds_per_epoch"],
+                                    "precision": summary["precision"], "loss": summary["loss"],
+                                    "teacher": summary["teacher"]})
     print(f"\nintel-style data {args.data}, {args.image_size}px, epoch cap {args.epochs}, "
           f"precision {args.precision}; val accuracy %, mean ± std over the seeds run\n")
     print("| row | seeds | best val acc | last-epoch val acc | epochs run | s/epoch |")
