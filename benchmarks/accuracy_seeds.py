@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--only", nargs="*", help="name prefixes of the rows to run (default: all)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: print the table of the runs that have finished")
     args = parser.parse_args()
     args.data = str(Path(args.data).resolve())
     rows = [row for row in ROWS if not args.only or row.prefix in args.only]
@@ -146,7 +148,12 @@ def main() -> None:
     for row, seed in order:
         if row.seeds is not None and seed not in row.seeds:
             continue
-        summary = run_one(args, args.artifacts, row, seed)
+        if args.table_only:
+            summary = summary_of(args.artifacts, f"{row.prefix}_s{seed}")
+            if not summary or summary["status"] not in DONE:
+                continue
+        else:
+            summary = run_one(args, args.artifacts, row, seed)
         results[row.prefix].append({"seed": seed, "best_val_acc": summary["best_val_acc"],
                                     "last_val_acc": last_val_acc(args.artifacts, summary["run"]),
                                     "epochs": summary["epochs_done"], "best_epoch": summary["best_epoch"],
@@ -159,6 +166,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for row in rows:
         runs = results[row.prefix]
+        if not runs:
+            continue
         print(f"| {row.label} | {len(runs)} | {mean_std([r['best_val_acc'] for r in runs])} | "
               f"{mean_std([r['last_val_acc'] for r in runs])} | "
               f"{statistics.mean(r['epochs'] for r in runs):.1f} | "
