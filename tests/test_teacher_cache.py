@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgekd.data import open_dataset
-from edgekd.errors import CheckpointError
+from edgekd.models import Classifier
 from edgekd.recipe import load_recipe
 from edgekd.train.checkpoint import file_sha256, load_model
 from edgekd.train.teacher_cache import cached_teacher_logits
@@ -71,11 +71,22 @@ def test_each_shuffled_batch_gets_the_logits_of_its_own_images(teacher, teacher_
         np.testing.assert_allclose(cached[batch.rows].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
 
 
-def test_a_student_at_a_lower_resolution_learns_from_logits_at_the_teachers(tmp_path, teacher, student_recipe):
+def test_a_student_at_a_lower_resolution_learns_from_logits_at_the_teachers(tmp_path, teacher, student_recipe,
+                                                                           monkeypatch):
     summary = run(load_recipe(student_recipe, ["data.image_size=12"]), "distill", tmp_path / "artifacts")
     model, meta = load_model(tmp_path / "artifacts" / summary["run"] / "best.pt")
     assert meta["image_size"] == 12
     assert {p.name.split("-")[1] for p in _logit_files(tmp_path)} == {"16px"}
-    with pytest.raises(CheckpointError, match="cache_teacher_logits"):
-        run(load_recipe(student_recipe, ["data.image_size=12", "distill.cache_teacher_logits=false"]), "distill",
-            tmp_path / "artifacts")
+
+    # Without the cache (as under augmentation) the teacher sees each 12 px batch resized to its own 16 px.
+    seen_sizes = []
+    original = Classifier.forward
+
+    def recording_forward(self, pixels):
+        seen_sizes.append(pixels.shape[-1])
+        return original(self, pixels)
+
+    monkeypatch.setattr(Classifier, "forward", recording_forward)
+    run(load_recipe(student_recipe, ["data.image_size=12", "distill.cache_teacher_logits=false", "train.epochs=1"]),
+        "distill", tmp_path / "artifacts")
+    assert set(seen_sizes) == {12, 16}  # the student's view, and the teacher's resized copy of it
