@@ -221,12 +221,13 @@ def test_cli_report_finds_the_newest_sweep(sweep_dir, tmp_path, monkeypatch):
 def test_runs_with_no_fp32_sibling_fill_tables_one_and_two_at_their_own_precision():
     # e.g. every run trained at bf16: each model sits in Table I/II beside the paper's fp32 numbers, and the
     # precision tables stay empty because no model ran at two precisions.
-    collection = Collection([_record("s8_bf16", 8, "bf16"), _record("s4_bf16", 4, "bf16")])
+    collection = Collection([_record("s8_bf16", 8, "bf16"), _record("s4_bf16", 4, "bf16"),
+                             _record("s8_bf16_other_method", 8, "bf16")])
     built = {t.key: t for t in build_tables(collection)}
     rows = {r["run"]: r for r in built["II"].rows}
-    assert set(rows) == {"s8_bf16", "s4_bf16"} and rows["s8_bf16"]["paper_acc"] == 86.43
+    assert set(rows) == {"s8_bf16", "s4_bf16", "s8_bf16_other_method"} and rows["s8_bf16"]["paper_acc"] == 86.43
     assert built["IV"].rows == [] and "more than one precision" in built["IV"].notes[0]
     # With an fp32 run of the same model present, that one is the reference and bf16 moves to Table IV.
     built = {t.key: t for t in build_tables(Collection([*collection.runs, _record("s8", 8)]))}
     assert {r["run"] for r in built["II"].rows} == {"s8", "s4_bf16"}
-    assert [r["run"] for r in built["IV"].rows] == ["s8", "s8_bf16"]
+    assert [r["run"] for r in built["IV"].rows] == ["s8", "s8_bf16", "s8_bf16_other_method"]

@@ -94,12 +94,11 @@ def build_tables(collection: Collection) -> list[Table]:
 
 
 def _reference_runs(records: list[RunRecord]) -> list[RunRecord]:
-    best: dict[str, RunRecord] = {}
+    """Every run at its model's reference precision (several runs of one recipe may share it)."""
+    best: dict[str, int] = {}
     for record in records:
-        current = best.get(record.base)
-        if current is None or _precision_rank(record.precision) < _precision_rank(current.precision):
-            best[record.base] = record
-    return [r for r in records if best[r.base] is r]
+        best[record.base] = min(best.get(record.base, len(PRECISION_ORDER)), _precision_rank(record.precision))
+    return [r for r in records if _precision_rank(r.precision) == best[r.base]]
 
 
 def _varied(records: list[RunRecord]) -> list[RunRecord]:
