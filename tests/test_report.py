@@ -231,3 +231,14 @@ def test_runs_with_no_fp32_sibling_fill_tables_one_and_two_at_their_own_precisio
     built = {t.key: t for t in build_tables(Collection([*collection.runs, _record("s8", 8)]))}
     assert {r["run"] for r in built["II"].rows} == {"s8", "s4_bf16"}
     assert [r["run"] for r in built["IV"].rows] == ["s8", "s8_bf16", "s8_bf16_other_method"]
+
+
+def test_students_of_one_recipe_share_its_no_kd_baseline(sweep_dir, tmp_path):
+    # Two distillation runs of the same student recipe (say kd and dkd) and one no-KD run: both get its gain.
+    twin = shutil.copytree(sweep_dir / "s2", tmp_path / "s2_again")
+    summary = json.loads((twin / "summary.json").read_text())
+    summary.update(run="s2_again", best_val_acc=summary["best_val_acc"] - 0.1)
+    (twin / "summary.json").write_text(json.dumps(summary))
+    built = tables(sweep_dir / "s2", twin, sweep_dir / "s2_nokd")
+    gains = {r["run"]: r["kd_gain_pts"] for r in built["II"].rows}
+    assert gains["s2_again"] == pytest.approx(gains["s2"] - 10)

@@ -148,24 +148,24 @@ def _assign(record: RunRecord, member: dict | None) -> None:
     record.baseline_of = member.get("baseline_of")
 
 
-def _signature(recipe: dict, with_precision: bool = True) -> str:
+def recipe_signature(recipe: dict, with_precision: bool = True) -> str:
     """The recipe without what differs between a student, its baseline and (optionally) its precisions."""
     drop = {"name", "description", "teacher", "distill", *(() if with_precision else ("precision",))}
     return json.dumps({k: v for k, v in recipe.items() if k not in drop}, sort_keys=True, default=str)
 
 
 def _infer_roles(records: list[RunRecord]) -> None:
-    students = {_signature(r.recipe): r for r in records if r.summary.get("mode") == "distill"}
+    students = {recipe_signature(r.recipe): r for r in records if r.summary.get("mode") == "distill"}
     for record in records:
         if record.summary.get("mode") == "distill":
             record.role = "student"
-        elif _signature(record.recipe) in students:
-            record.role, record.baseline_of = "baseline", students[_signature(record.recipe)].name
+        elif recipe_signature(record.recipe) in students:
+            record.role, record.baseline_of = "baseline", students[recipe_signature(record.recipe)].name
         else:
             record.role = "teacher"
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
-        groups.setdefault((record.role, _signature(record.recipe, with_precision=False)), []).append(record)
+        groups.setdefault((record.role, recipe_signature(record.recipe, with_precision=False)), []).append(record)
     for group in groups.values():
         fp32 = next((r for r in group if r.precision == "fp32"), group[0])
         for record in group:

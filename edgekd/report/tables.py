@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from edgekd.report import paper
-from edgekd.report.collect import Collection, RunRecord
+from edgekd.report.collect import Collection, RunRecord, recipe_signature
 
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8")
 
@@ -183,7 +183,11 @@ def _fp32_sibling(record: RunRecord, collection: Collection) -> RunRecord | None
 def _baseline(record: RunRecord, collection: Collection) -> RunRecord | None:
     if record.role != "student":
         return None
-    return next((r for r in collection.runs if r.role == "baseline" and r.baseline_of == record.name), None)
+    baselines = [r for r in collection.runs if r.role == "baseline"]
+    named = next((r for r in baselines if r.baseline_of == record.name), None)
+    # Loose runs: several students of one recipe (kd, dkd, ...) share the baseline their recipe matches.
+    return named or next((r for r in baselines if r.recipe and recipe_signature(r.recipe) == recipe_signature(
+        record.recipe)), None)
 
 
 def _onnx(record: RunRecord) -> tuple[dict | None, dict | None]:
