@@ -28,6 +28,32 @@ def test_paper_cnn_forward_shape_and_default_head():
     assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [32, 6]
 
 
+def _final_feature_size(model, image_size: int) -> int:
+    return model.blocks(model.stem(torch.zeros(1, 3, image_size, image_size))).shape[-1]
+
+
+def test_downsample_caps_the_halvings_without_changing_the_parameters():
+    paper = create_model("paper_cnn", 6, blocks=12, classifier=[512, 256]).eval()
+    capped = create_model("paper_cnn", 6, blocks=12, classifier=[512, 256], downsample=4).eval()
+    # the paper's 12 blocks halve six times: a 64 px image is down to 1×1 before the last block
+    assert _final_feature_size(paper, 64) == 1 and _final_feature_size(capped, 64) == 4
+    assert count_parameters(capped) == count_parameters(paper) == PAPER_COUNTS["intel_teacher"]
+    assert count_macs(capped, 64) > 2 * count_macs(paper, 64)
+    capped.load_state_dict(paper.state_dict())  # same tensors, only the strides differ
+    assert create_model("paper_cnn", 6, blocks=8, downsample=4).blocks[-1].shortcut[0].stride == (2, 2)
+    with pytest.raises(ValueError, match="downsample=-1"):
+        create_model("paper_cnn", 6, downsample=-1)
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    model = create_model("paper_cnn", 6, blocks=4, zero_init_residual=True).eval()
+    x = torch.randn(2, 16, 8, 8)
+    block = model.blocks[0]  # 16 → 16 channels: identity shortcut
+    assert torch.equal(block(x), torch.relu(x))
+    default = create_model("paper_cnn", 6, blocks=4).eval()
+    assert not torch.equal(default.blocks[0](x), torch.relu(x))
+
+
 def test_macs_match_the_published_resnet18_figure():
     # torchvision lists ResNet-18 at 1.81 GFLOPS (multiply-accumulates) for a 224 px image.
     macs = count_macs(create_model("resnet18", 1000), 224)
