@@ -6,7 +6,8 @@ Rows (every one with the same epoch cap, image size, precision and data; see ROW
   8-block  paper kd     edgekd distill recipes/intel_8block.yaml       (from the paper teacher, seed 0)
   8-block  plus no-KD   edgekd train   recipes/intel_8block_plus.yaml  (cross-entropy only)
   8-block  plus kd / dkd / dist        edgekd distill recipes/intel_8block_plus.yaml --set distill.method=M
-           from the 12-block plus teacher (seed 0 only), and from the no-KD 8-block of seed 0 (born-again)
+           every seed learns from seed 0 of the 12-block plus teacher
+  --extras: other teachers at the same budget (born-again, ensembles of the no-KD students; EXTRA_ROWS)
 
     python benchmarks/accuracy_seeds.py --data ../shared/datasets/intel-sample --image-size 64 \\
         --epochs 12 --seeds 0 1 2 --precision bf16 --artifacts /tmp/accuracy/artifacts
@@ -67,22 +68,24 @@ ROWS = [
     Row("8-block · paper recipe (kd from the paper teacher, T=1, α=1)", "distill", "intel_8block.yaml", "s_paper",
         "t_paper"),
     Row("8-block · plus recipe, no KD", "train", "intel_8block_plus.yaml", "s_plus_nokd"),
-    # The 12-block teacher trains more slowly than the 8-block student: within a shared epoch budget it ends
-    # weaker than the student it teaches, so these rows run for the first seed only, as a finding.
-    *_plus_kd_rows("t_plus", "s_plus", "from the 12-block plus teacher", seeds=(0,)),
+    *_plus_kd_rows("t_plus", "s_plus", "from the 12-block plus teacher"),
+]
+
+# Other teachers, run with --extras (the same epoch budget; seed 0 only where said).
+EXTRA_ROWS = [
     # Born-again distillation (Furlanello et al., 2018): the teacher is the no-KD 8-block of seed 0.
     *_plus_kd_rows("s_plus_nokd", "s_plus_ba", "from the no-KD 8-block (born-again)", seeds=(0,),
                    methods=("kd", "dkd")),
     # Hinton et al.'s setting: an ensemble teacher, the no-KD 8-blocks of every seed (logits averaged).
-    # Trained with label smoothing, they make a poor teacher (Mueller et al., 2019: smoothing erases the
-    # similarity between classes that distillation passes on), so this row runs for the first seed only...
+    # Trained with label smoothing they may make a poorer teacher (Mueller et al., 2019: smoothing erases
+    # the similarity between classes that distillation passes on), so this row runs for the first seed only...
     *_plus_kd_rows("s_plus_nokd", "s_plus_ens", "from the ensemble of the no-KD 8-blocks", seeds=(0,),
                    ensemble=True, methods=("kd",)),
     # ...and the teachers are the same 8-blocks trained without label smoothing.
     Row("8-block · plus recipe without label smoothing, no KD", "train", "intel_8block_plus.yaml",
         "s_plus_nols", overrides=("train.label_smoothing=0",)),
     *_plus_kd_rows("s_plus_nols", "s_plus_ens_nols", "from the ensemble of the no-KD 8-blocks without label "
-                   "smoothing", ensemble=True),
+                   "smoothing", ensemble=True, methods=("kd", "dkd")),
 ]
 
 
@@ -132,12 +135,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--extras", action="store_true", help="also the other teachers (born-again, ensembles)")
     parser.add_argument("--only", nargs="*", help="name prefixes of the rows to run (default: all)")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: print the table of the runs that have finished")
     args = parser.parse_args()
     args.data = str(Path(args.data).resolve())
-    rows = [row for row in ROWS if not args.only or row.prefix in args.only]
+    rows = [row for row in ROWS + EXTRA_ROWS * args.extras if not args.only or row.prefix in args.only]
     results: dict[str, list[dict]] = {row.prefix: [] for row in rows}
     # The no-KD students first (an ensemble teacher needs every seed of them), then ensemble-taught
     # students, then everything else seed by seed.
