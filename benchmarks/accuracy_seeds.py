@@ -115,16 +115,21 @@ def run_one(args, artifacts: Path, row: Row, seed: int) -> dict:
     return summary_of(artifacts, name)
 
 
-def last_val_acc(artifacts: Path, name: str) -> float:
-    lines = (artifacts / name / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])["val_acc"]
+def epoch_records(artifacts: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (artifacts / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def median_epoch_seconds(records: list[dict]) -> float:
+    # the median, not the mean: one epoch stretched by another job on the same cores says nothing of the run
+    return statistics.median(record["seconds"] for record in records)
 
 
 def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+    if len(values) == 1:  # one seed has no spread to show
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.pstdev(values):.2f}"
 
 
 def main() -> None:
@@ -158,15 +163,16 @@ def main() -> None:
                 continue
         else:
             summary = run_one(args, args.artifacts, row, seed)
+        records = epoch_records(args.artifacts, summary["run"])
         results[row.prefix].append({"seed": seed, "best_val_acc": summary["best_val_acc"],
-                                    "last_val_acc": last_val_acc(args.artifacts, summary["run"]),
+                                    "last_val_acc": records[-1]["val_acc"],
                                     "epochs": summary["epochs_done"], "best_epoch": summary["best_epoch"],
-                                    "seconds_per_epoch": summary["seconds_per_epoch"],
+                                    "seconds_per_epoch": median_epoch_seconds(records),
                                     "precision": summary["precision"], "loss": summary["loss"],
                                     "teacher": summary["teacher"]})
     print(f"\nintel-style data {args.data}, {args.image_size}px, epoch cap {args.epochs}, "
           f"precision {args.precision}; val accuracy %, mean ± std over the seeds run\n")
-    print("| row | seeds | best val acc | last-epoch val acc | epochs run | s/epoch |")
+    print("| row | seeds | best val acc | last-epoch val acc | epochs run | median s/epoch |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         runs = results[row.prefix]
