@@ -105,3 +105,81 @@ def test_label_smoothing_applies_to_the_hard_term_of_kd():
         expected_ce -= sum(q * lp for q, lp in zip(target, log_p))
     expected_ce /= len(STUDENT)
     assert kd_loss(s, t, y, 2.0, 0.0, label_smoothing=eps).item() == pytest.approx(expected_ce, rel=1e-6)
+
+
+# ----- unlabeled rows (label -1): the distillation terms see them, the cross-entropy does not -------------------
+
+UNLABELED_STUDENT = [0.5, -2.0, 1.5, 0.0]
+UNLABELED_TEACHER = [-1.0, 0.0, 0.5, 3.0]
+
+
+def _with_unlabeled_row():
+    s = torch.tensor([*STUDENT, UNLABELED_STUDENT], requires_grad=True)
+    t = torch.tensor([*TEACHER, UNLABELED_TEACHER])
+    return s, t, torch.tensor([*LABELS, -1])
+
+
+def test_kd_gradient_of_an_unlabeled_row_is_the_kd_term_alone():
+    T, alpha = 2.0, 0.5
+    s, t, y = _with_unlabeled_row()
+    kd_loss(s, t, y, T, alpha).backward()
+    rows = [*STUDENT, UNLABELED_STUDENT]
+    teacher_rows = [*TEACHER, UNLABELED_TEACHER]
+    batch, labelled = len(rows), len(LABELS)
+    for i, (s_row, t_row) in enumerate(zip(rows, teacher_rows)):
+        # d/ds of α·T²·mean_i KL(p_t ‖ p_s) at temperature T: α·T/B·(p_s − p_t)
+        expected = [alpha * T / batch * (ps - pt) for ps, pt in zip(_softmax(s_row, T), _softmax(t_row, T))]
+        if i < labelled:  # d/ds of (1 − α)·mean over labelled rows of CE: (1 − α)/n·(softmax(s) − onehot(y))
+            expected = [e + (1 - alpha) / labelled * (p - (j == LABELS[i]))
+                        for j, (e, p) in enumerate(zip(expected, _softmax(s_row, 1.0)))]
+        assert s.grad[i].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_kd_loss_with_an_unlabeled_row_is_kl_over_all_rows_plus_ce_over_the_labelled():
+    T, alpha = 2.0, 0.5
+    s, t, y = _with_unlabeled_row()
+    rows = [*STUDENT, UNLABELED_STUDENT]
+    kl = sum(_kl(_softmax(t_row, T), _softmax(s_row, T)) for s_row, t_row in zip(rows, [*TEACHER, UNLABELED_TEACHER]))
+    ce = -sum(math.log(_softmax(row, 1.0)[label]) for row, label in zip(STUDENT, LABELS))
+    expected = alpha * T * T * kl / len(rows) + (1 - alpha) * ce / len(LABELS)
+    assert kd_loss(s, t, y, T, alpha).item() == pytest.approx(expected, rel=1e-6)
+    # Whatever the unlabeled image really shows, the loss cannot tell: no label of it is read.
+    assert ce_loss(s, y).item() == pytest.approx(ce / len(LABELS), rel=1e-6)
+
+
+def test_an_all_unlabeled_batch_gives_zero_cross_entropy_and_finite_gradients():
+    s = torch.tensor(STUDENT, requires_grad=True)
+    t, y = torch.tensor(TEACHER), torch.tensor([-1, -1])
+    assert ce_loss(s, y).item() == 0.0
+    for method in ("kd", "dkd", "dist"):
+        s.grad = None
+        loss = distill_loss(s, t, y, _config(method), 0.1)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, method
+    s.grad = None
+    ce_loss(s, y).backward()
+    assert s.grad.abs().sum().item() == 0.0
+
+
+def test_dkd_splits_an_unlabeled_row_at_the_teachers_top_class():
+    s, t, y = _with_unlabeled_row()
+    pseudo = torch.tensor([*LABELS, int(torch.tensor(UNLABELED_TEACHER).argmax())])
+    assert torch.equal(dkd_term(s, t, y, 2.0, 1.0, 8.0), dkd_term(s, t, pseudo, 2.0, 1.0, 8.0))
+
+
+@pytest.mark.parametrize("method", ["dkd", "dist"])
+def test_dkd_and_dist_cross_entropy_skips_unlabeled_rows(method):
+    s, t, y = _with_unlabeled_row()
+    config = _config(method)
+    term = dkd_term(s, t, y, 2.0, 1.0, 8.0) if method == "dkd" else dist_term(s, t, 2.0, 1.0, 1.0)
+    labelled_ce = ce_loss(s[:2], y[:2], 0.1)
+    assert distill_loss(s, t, y, config, 0.1).item() == pytest.approx((labelled_ce + term).item(), rel=1e-6)
+
+
+def test_without_unlabeled_rows_the_losses_are_bit_identical_to_the_plain_formulas():
+    s, t, y = _tensors()
+    assert torch.equal(ce_loss(s, y, 0.1), torch.nn.functional.cross_entropy(s, y, label_smoothing=0.1))
+    plain_kl = torch.nn.functional.kl_div(torch.log_softmax(s / 2, 1), torch.log_softmax(t / 2, 1),
+                                          reduction="batchmean", log_target=True)
+    plain = 0.5 * 4.0 * plain_kl + 0.5 * torch.nn.functional.cross_entropy(s, y)
+    assert torch.equal(kd_loss(s, t, y, 2.0, 0.5), plain)

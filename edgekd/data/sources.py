@@ -157,6 +157,22 @@ def folder_split(folder: Path, split: str, class_names: list[str]) -> SplitSourc
                        fingerprint=_files_fingerprint(paths, labels))
 
 
+def unlabeled_source(folder: str | Path) -> SplitSource:
+    """data.unlabeled: every image file under `folder`, searched recursively (hidden files and folders are
+    skipped, as in class folders), without labels. Its cache entry and skipped files go by "unlabeled"."""
+    folder = Path(folder)
+    suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+    if not folder.is_dir():
+        raise DataError(f"data.unlabeled: {folder} is not a folder",
+                        hint="point data.unlabeled at a folder of photos (searched recursively), or remove it")
+    paths = sorted(p for p in folder.rglob("*")
+                   if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not paths:
+        raise DataError(f"data.unlabeled: {folder} holds no image files", hint=f"image files end in {suffixes}")
+    return SplitSource("unlabeled", None, paths=paths, origin=str(folder),
+                       fingerprint=_files_fingerprint(paths, None))
+
+
 # ----- Fashion-MNIST ------------------------------------------------------------------------------------
 
 def read_idx(path: Path) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -87,7 +88,10 @@ def checkpoint_dataset(payload: dict[str, Any], splits: tuple[str, ...], data_ro
     from edgekd.data import open_dataset
 
     recipe = stored_recipe(payload, data_root)
-    dataset = open_dataset(recipe.data, splits=splits, workers=recipe.train.workers)
+    # Evaluation, calibration and validation read labelled photos only: the unlabeled folder (perhaps not
+    # on this machine) and the label-hiding protocol belong to training.
+    data = dataclasses.replace(recipe.data, unlabeled=None, label_fraction=1.0)
+    dataset = open_dataset(data, splits=splits, workers=recipe.train.workers)
     if dataset.class_names != payload["class_names"]:
         raise DataError(f"the dataset's classes {dataset.class_names} differ from the checkpoint's "
                         f"{payload['class_names']}", hint="point --data at the dataset the model was trained on")

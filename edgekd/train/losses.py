@@ -1,4 +1,8 @@
-"""Loss functions: pure, computed in fp32 whatever precision the forward pass ran in."""
+"""Loss functions: pure, computed in fp32 whatever precision the forward pass ran in.
+
+A label of -1 marks an unlabeled image (data.unlabeled, or a label hidden by data.label_fraction): the
+cross-entropy averages over the labelled rows only, the distillation terms use every row.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tem
         α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE(s, y)
 
     KL with batchmean reduction (the true KL divergence per sample); T² keeps the soft term's gradient
-    scale independent of T. α = 1 is seed 000's pure KL; seed 001 uses α = 0.25, T = 2.
+    scale independent of T. α = 1 is seed 000's pure KL; seed 001 uses α = 0.25, T = 2. The KL averages over
+    every row, the CE over the labelled rows (see ce_loss).
     """
     s = student_logits.float()
     t = teacher_logits.float()
@@ -28,7 +33,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tem
 
 
 def ce_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    """Cross-entropy averaged over the labelled rows; rows labelled -1 (unlabeled) take no part, and a batch
+    without a labelled row gives 0 (with a graph, so backward still runs)."""
+    logits = logits.float()
+    labeled = targets >= 0
+    # One host sync per batch, so that an all-labelled batch runs exactly the original computation.
+    if bool(labeled.all()):
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    if not bool(labeled.any()):
+        return logits[:0].sum()  # 0, and no 0/0 mean
+    return F.cross_entropy(logits[labeled], targets[labeled], label_smoothing=label_smoothing)
 
 
 def dkd_term(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
@@ -41,7 +55,13 @@ def dkd_term(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, te
     where b = (p_target, 1 − p_target) is the binary target/non-target split of softmax(z/T) and p̂ the
     softmax over the non-target classes only; both terms × T² and averaged over the batch, as in the
     authors' code. The training loss adds a full-weight cross-entropy.
+
+    An unlabeled row (target -1) has no target class, yet the split needs one: it takes the teacher's top
+    class, the label the teacher would give it. Then, as for a correctly classified labelled image, TCKD
+    teaches the teacher's confidence and NCKD its ranking of the other classes (dark knowledge); any other
+    choice would split off a class the teacher does not believe in.
     """
+    targets = torch.where(targets >= 0, targets, teacher_logits.argmax(1))
     s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
     target = F.one_hot(targets, s.shape[1]).bool()
     p_s, p_t = F.softmax(s, dim=1), F.softmax(t, dim=1)
@@ -83,7 +103,7 @@ def dist_term(student_logits: Tensor, teacher_logits: Tensor, temperature: float
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, config,
                  label_smoothing: float = 0.0, ramp: float = 1.0) -> Tensor:
     """The training loss of `distill.method` (config is the recipe's DistillConfig); `ramp` (0–1) scales the
-    distillation term during its warm-up."""
+    distillation term during its warm-up. Targets of -1 (unlabeled rows) reach the distillation term only."""
     if config.method == "kd":  # during warm-up the weight moves from cross-entropy to the KD term
         return kd_loss(student_logits, teacher_logits, targets, config.temperature, config.alpha * min(ramp, 1.0),
                        label_smoothing)
