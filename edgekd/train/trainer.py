@@ -21,22 +21,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekd.data import Dataset, channel_stats, open_dataset
-from edgekd.errors import CheckpointError, EdgekdError, RecipeError
+from edgekd.data import Dataset, RowStore, Split, channel_stats, open_dataset
+from edgekd.data.cache import default_cache_root
+from edgekd.data.sources import digest
+from edgekd.errors import CheckpointError, DataError, EdgekdError, RecipeError
 from edgekd.evaluate import evaluate_model
-from edgekd.models import Classifier, create_model, freeze_backbone, load_pretrained, set_train_mode
+from edgekd.models import (Classifier, create_model, freeze_backbone, load_pretrained, pretrained_normalisation,
+                           resolve_pretrained, set_train_mode)
+from edgekd.models.pretrained import read_state
 from edgekd.models.summary import count_parameters
 from edgekd.recipe import Recipe, dump_recipe, load_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
                          new_run_dir)
 from edgekd.train import distributed
-from edgekd.train.augment import augment_batch, batch_generator
+from edgekd.train.augment import batch_generator, draw_views, render_views
 from edgekd.train.batches import Batch, batch_count, iter_batches
 from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
 from edgekd.train.ema import WeightAverage
 from edgekd.train.losses import ce_loss, distill_loss
 from edgekd.train.precision import PrecisionPolicy, amax_histories, fp8_scales, load_amax_histories, make_policy
 from edgekd.train.teacher_cache import cached_teacher_logits
+from edgekd.train.teacher_views import TeacherViews, resize_for, teacher_views
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +157,17 @@ def bitsandbytes_module():
     return bitsandbytes
 
 
+def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
+    """Trainable parameters; a pretrained backbone's at lr × train.backbone_lr_factor, the head's at lr."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    factor = recipe.train.backbone_lr_factor
+    if factor == 1.0 or not recipe.model.pretrained:
+        return [{"params": [p for _, p in trainable]}]
+    backbone = [p for name, p in trainable if ".backbone." in f".{name}"]
+    rest = [p for name, p in trainable if ".backbone." not in f".{name}"]
+    return [{"params": backbone, "lr": recipe.train.lr * factor}, {"params": rest}]
+
+
 def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
     cfg = recipe.train
     if cfg.optimizer == "adam8bit":
@@ -200,8 +216,12 @@ def _now() -> str:
 class Trainer:
     def __init__(self, recipe: Recipe, mode: str, run_dir: Path, dataset: Dataset, device: torch.device,
                  teacher: tuple[Classifier, dict] | None, callbacks: Callbacks,
-                 dist: distributed.Distributed | None = None):
+                 dist: distributed.Distributed | None = None, train_split: Split | None = None):
         self.recipe, self.mode, self.run_dir, self.dataset = recipe, mode, run_dir, dataset
+        # The photos batches come from: the dataset's own train split, or the same photos decoded at
+        # augment.render_size (views are rendered there, then resized to the model's image size).
+        self.train_split = train_split if train_split is not None else dataset.splits["train"]
+        self.views: TeacherViews | None = None
         self.device, self.dist = device, dist or distributed.Distributed()
         self.callbacks = callbacks if self.dist.main else _Silent()
         self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
@@ -224,16 +244,15 @@ class Trainer:
         seed_everything(self.recipe.train.seed)
         net = create_model(cfg.name, len(self.dataset.class_names), **cfg.args)
         if pretrained and cfg.pretrained:
-            load_pretrained(net, cfg.pretrained)
+            load_pretrained(net, resolve_pretrained(cfg.name, cfg.pretrained), cfg.name)
         if self.frozen:
             freeze_backbone(net)
         self.policy.prepare(net)
         self.model = Classifier(net, mean, std).to(self.device)
         self.meta = describe_model(cfg.name, cfg.args, self.dataset.class_names, self.dataset.image_size, mean, std)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(trainable, self.recipe)
+        self.optimizer = make_optimizer(parameter_groups(self.model, self.recipe), self.recipe)
         train_cfg = self.recipe.train
-        self.batches_per_epoch = batch_count(len(self.dataset.splits["train"]), train_cfg.batch_size, drop_last=True)
+        self.batches_per_epoch = batch_count(len(self.train_split), train_cfg.batch_size, drop_last=True)
         self.scheduler = make_scheduler(self.optimizer, self.recipe, self.batches_per_epoch)
         self.per_batch_schedule = self.scheduler is not None and train_cfg.scheduler != "step"
         if train_cfg.ema_decay is not None:
@@ -294,29 +313,30 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> dict:
         cfg = self.recipe.train
-        train = self.dataset.splits["train"]
+        train = self.train_split
         batches = batch_count(len(train), cfg.batch_size, drop_last=True)
         self.callbacks.on_epoch_start(epoch, cfg.epochs, batches)
         set_train_mode(self.train_model, self.frozen)
         start = time.perf_counter()
-        total_loss, correct, seen = 0.0, 0, 0
+        total_loss, correct, labelled, seen = 0.0, 0, 0, 0
         for index, batch in enumerate(iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                                                    drop_last=True, shard=(self.dist.rank, self.dist.world))):
-            loss, batch_correct = self._step(batch, epoch, index)
+            loss, batch_correct, batch_labelled = self._step(batch, epoch, index)
             total_loss += loss * len(batch.rows)
             correct += batch_correct
+            labelled += batch_labelled
             seen += len(batch.rows)
             self.callbacks.on_batch(len(batch.rows), loss)
         train_seconds = time.perf_counter() - start
-        total_loss, correct, seen = self.dist.sum(total_loss, correct, seen)
+        total_loss, correct, labelled, seen = self.dist.sum(total_loss, correct, labelled, seen)
         distributed.sync_buffers(self.model, self.dist)
         if self.scheduler is not None and not self.per_batch_schedule:
             self.scheduler.step()
         val = self.dist.broadcast(self._validate() if self.dist.main else None)
         # train_acc: on the (augmented) training batches as the weights moved during the epoch.
-        return {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
+        return {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / max(labelled, 1),
                 "val_loss": val.loss, "val_acc": val.accuracy,
-                "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start,
+                "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start,
                 "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
                 "precision": self.precision["mode"], "precision_native": self.precision["native"],
                 "device": self.device.type}
@@ -331,21 +351,32 @@ class Trainer:
             return torch.from_numpy(self.teacher_logits[batch.rows].astype(np.float32)).to(self.device)
         if self.teacher_model is None:
             return None
-        size = self.teacher_meta["image_size"]
-        if pixels.shape[-1] != size:  # a teacher trained at another resolution sees the same view, resized
-            pixels = F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True)
+        # pixels: the view at the resolution it was rendered at; a teacher of another size gets it resized
+        pixels = resize_for(pixels, self.teacher_meta["image_size"])
         with torch.no_grad():
             return self.teacher_model(pixels)
 
-    def _step(self, batch: Batch, epoch: int, index: int) -> tuple[float, int]:
-        """One optimizer step; returns the batch's loss and how many of its images the model got right."""
+    def _inputs(self, batch: Batch, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's pixels at its own size and the teacher's logits for the same view (or None)."""
         pixels = batch.pixels.to(self.device, non_blocking=True)
-        labels = batch.labels.to(self.device)
+        size = self.dataset.image_size
+        if self.views is not None:
+            views, logits = self.views.views(batch.rows, epoch)
+            return render_views(pixels, views, self.augment, size), logits.to(self.device)
         if self.augment is not None:
-            pixels = augment_batch(pixels, self.augment, batch_generator(self.recipe.train.seed, epoch, index))
+            generator = batch_generator(self.recipe.train.seed, epoch, index)
+            pixels = render_views(pixels, draw_views(len(pixels), pixels.shape[-1], self.augment, generator),
+                                  self.augment)
+        with self.policy.autocast():
+            teacher_logits = self._teacher_logits(batch, pixels)
+        return resize_for(pixels, size), teacher_logits
+
+    def _step(self, batch: Batch, epoch: int, index: int) -> tuple[float, int, int]:
+        """One optimizer step; returns the batch's loss and how many of its labelled images the model got right."""
+        labels = batch.labels.to(self.device)
+        pixels, teacher_logits = self._inputs(batch, epoch, index)
         with self.policy.autocast():
             logits = self.train_model(pixels)
-            teacher_logits = self._teacher_logits(batch, pixels)
         loss = self._loss(logits, teacher_logits, labels, epoch, index)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.backward_and_step(loss, self.optimizer, self.recipe.train.grad_clip)
@@ -353,7 +384,9 @@ class Trainer:
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return float(loss.detach()), int((logits.detach().argmax(1) == labels).sum())
+        known = labels >= 0  # unlabeled photos (label -1) count in the loss only, through the teacher
+        return (float(loss.detach()), int((logits.detach().argmax(1) == labels)[known].sum()),
+                int(known.sum()))
 
     def _loss(self, logits, teacher_logits, labels, epoch: int, index: int) -> torch.Tensor:
         # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
@@ -485,20 +518,73 @@ def _load_one_teacher(path: Path, device: torch.device, dataset: Dataset):
     return teacher, meta
 
 
-def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher, device: torch.device) -> np.ndarray:
-    """Teacher logits for every train-cache row, computed at the teacher's own image size."""
+def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher, device: torch.device) -> RowStore:
+    """Teacher logits for every train-cache row (unlabeled photos included), at the teacher's own image size."""
     model, meta = teacher
-    entry = dataset.entries["train"]
+    entries = dataset.train_entries
     if meta["image_size"] != dataset.image_size:
         teacher_view = dataclasses.replace(recipe.data, image_size=meta["image_size"])
-        teacher_entry = open_dataset(teacher_view, splits=("train",), workers=recipe.train.workers).entries["train"]
-        if teacher_entry.ids != entry.ids:
+        teacher_entries = open_dataset(teacher_view, splits=("train",), workers=recipe.train.workers).train_entries
+        if [e.ids for e in teacher_entries] != [e.ids for e in entries]:
             raise CheckpointError("the teacher-resolution and student-resolution caches hold different files")
         log.info("student at %dpx learns from teacher logits computed at %dpx", dataset.image_size,
                  meta["image_size"])
-        entry = teacher_entry
-    return cached_teacher_logits(model, meta["sha256"], len(meta["class_names"]), entry, device,
-                                 recipe.train.batch_size)
+        entries = teacher_entries
+    return RowStore([cached_teacher_logits(model, meta["sha256"], len(meta["class_names"]), entry, device,
+                                           recipe.train.batch_size) for entry in entries])
+
+
+def input_normalisation(recipe: Recipe, dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """What a pretrained backbone's weights expect; otherwise the training split's own statistics."""
+    if recipe.model.pretrained:
+        expected = pretrained_normalisation(recipe.model.name)
+        if expected is not None:
+            log.info("input normalisation: mean %s, std %s (what %s's pretrained weights expect)",
+                     expected[0], expected[1], recipe.model.name)
+            return expected
+    return channel_stats(dataset.splits["train"])
+
+
+def _render_split(recipe: Recipe, dataset: Dataset) -> Split:
+    """The training photos batches are drawn from: decoded at augment.render_size when it differs from the
+    model's image size (the same rows, checked), so each view is cropped from the larger image."""
+    size = recipe.augment.render_size
+    train = dataset.splits["train"]
+    if not size or size == dataset.image_size:
+        return train
+    config = dataclasses.replace(recipe.data, image_size=size)
+    rendered = open_dataset(config, splits=("train",), workers=recipe.train.workers)
+    own_ids = [entry.ids for entry in dataset.train_entries]
+    if [entry.ids for entry in rendered.train_entries] != own_ids:
+        raise DataError(f"the {size}px and {dataset.image_size}px caches hold different files",
+                        hint="a photo decoded at one size but not the other; see the skipped files in the logs")
+    log.info("views are rendered from the photos decoded at %dpx, then resized to %dpx", size, dataset.image_size)
+    return Split("train", rendered.splits["train"].images, train.labels, train.rows)
+
+
+def _prepare_teacher(trainer: Trainer, recipe: Recipe, dataset: Dataset, teacher, device: torch.device) -> None:
+    """Where the teacher's logits come from: a per-dataset cache, stored views, or every batch."""
+    model, meta = teacher
+    if recipe.distill.cache_teacher_logits and not recipe.augment.active:
+        trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
+    elif recipe.augment.active and recipe.distill.teacher_views:
+        split = trainer.train_split
+        store_id = digest(*(entry.path.name for entry in dataset.train_entries), split.images.shape)
+        cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
+        trainer.views = teacher_views(model, meta["sha256"], len(meta["class_names"]), split, store_id,
+                                      recipe.augment, split.images.shape[1], meta["image_size"],
+                                      recipe.distill.teacher_views, recipe.distill.teacher_views_seed,
+                                      recipe.train.seed, cache_root,
+                                      trainer.policy.autocast)
+    elif recipe.augment.active:
+        log.info("augmentation is on, so the teacher runs on every batch, on the view the student sees "
+                 "(distill.teacher_views: K stores K views per photo and runs the teacher once per view)")
+    else:
+        log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
+    if recipe.augment.active and meta["image_size"] != trainer.train_split.images.shape[1]:
+        log.warning("the teacher (%dpx) sees views rendered at %dpx, resized: set augment.render_size: %d so "
+                    "it sees them at its own resolution", meta["image_size"], trainer.train_split.images.shape[1],
+                    meta["image_size"])
 
 
 def _run_dir_for(recipe: Recipe, artifacts: Path, resume: bool) -> tuple[Path, dict | None]:
@@ -541,6 +627,8 @@ def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distrib
                        device: torch.device) -> None:
     """Everything that can be refused is refused before any image is decoded."""
     make_policy(recipe.precision, device)
+    if recipe.model.pretrained:  # a missing package or file, or a damaged one: refused now
+        read_state(resolve_pretrained(recipe.model.name, recipe.model.pretrained))
     if recipe.train.optimizer == "adam8bit":
         bitsandbytes_module()
     if mode == "distill":
@@ -565,20 +653,21 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
     run_dir, resumed = dist.broadcast((run_dir, last is not None))  # rank 0 picks the folder
     if resumed and last is None:
         last = read_checkpoint(run_dir / "last.pt")
-    trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist)
-    if teacher is not None and recipe.distill.cache_teacher_logits and not recipe.augment.active:
+    if mode == "train" and dataset.splits["train"].unlabeled_count:
+        log.info("training without a teacher: the %d unlabeled photos are left out (only distillation learns "
+                 "from them)", dataset.splits["train"].unlabeled_count)
+        dataset.splits["train"] = dataset.splits["train"].labeled_only()
+    with dist.node_main_first():
+        train_split = _render_split(recipe, dataset)
+    trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist, train_split)
+    if teacher is not None:
         with dist.node_main_first():
-            trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
-    elif teacher is not None and recipe.augment.active:
-        log.info("augmentation is on, so the teacher runs on every batch, on the augmented pixels the student "
-                 "sees (cached teacher logits would describe the un-augmented images)")
-    elif teacher is not None:
-        log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
+            _prepare_teacher(trainer, recipe, dataset, teacher, device)
     if last is not None:
         trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
         trainer.restore(last)
     else:
-        mean, std = channel_stats(dataset.splits["train"])
+        mean, std = input_normalisation(recipe, dataset)
         trainer.build(mean, std, pretrained=True)
     trainer.parallelize()
     if dist.main:
@@ -589,5 +678,6 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
         "model": f"{recipe.model.name}({', '.join(f'{k}={v}' for k, v in recipe.model.args.items())})",
         "parameters": count_parameters(trainer.model), "resumed_from_epoch": trainer.epoch if last else None,
         "teacher": teacher[1]["path"] if teacher else None, "distributed": dist.describe(),
-        "skipped_images": sum(len(v) for v in dataset.skipped.values())})
+        "skipped_images": sum(len(v) for v in dataset.skipped.values()),
+        "unlabeled_images": dataset.splits["train"].unlabeled_count})
     return trainer.fit()

@@ -1,0 +1,150 @@
+"""Consistent teaching across resolutions: the teacher and the student see the same crop of the same photo,
+each at its own resolution, whether the teacher runs per batch or its views are stored once."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_recipe
+from edgekd.data import open_dataset
+from edgekd.recipe import AugmentConfig, load_recipe
+from edgekd.train import trainer as trainer_module
+from edgekd.train.teacher_views import teacher_views
+from edgekd.train.trainer import Trainer, run
+
+AUGMENT = {"crop": "resized", "crop_scale": 0.3, "flip": True, "color_jitter": 0.3}
+
+
+@pytest.fixture
+def teacher(tmp_path, image_dataset):
+    """A tiny teacher trained at 32 px."""
+    recipe = write_recipe(tmp_path / "big_teacher.yaml", image_dataset, model={"blocks": 2},
+                          data={"image_size": 32}, train={"epochs": 1})
+    run(load_recipe(recipe), "train", tmp_path / "artifacts")
+    return tmp_path / "artifacts" / "big_teacher" / "best.pt"
+
+
+def _student(tmp_path, image_dataset, teacher, **distill):
+    return write_recipe(tmp_path / "small_student.yaml", image_dataset, model={"blocks": 1},
+                        teacher={"checkpoint": str(teacher)}, augment={**AUGMENT, "render_size": 32},
+                        distill={"alpha": 0.5, **distill}, train={"epochs": 1})
+
+
+def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True).clamp(0, 255)
+
+
+def _record_views(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(what the teacher saw, what the student trained on) for every batch of a run."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def spy(self, batch, epoch, index):
+        teacher_model = self.teacher_model
+        inputs = []
+
+        class Recorder(torch.nn.Module):
+            def forward(self, pixels):
+                inputs.append(pixels.detach().clone())
+                return teacher_model(pixels)
+
+        self.teacher_model = Recorder()
+        student, logits = original(self, batch, epoch, index)
+        self.teacher_model = teacher_model
+        seen.append((inputs[0], student.detach().clone()))
+        return student, logits
+
+    original = Trainer._inputs
+    monkeypatch.setattr(Trainer, "_inputs", spy)
+    return seen
+
+
+def test_teacher_and_student_see_the_same_crop_each_at_its_own_resolution(tmp_path, image_dataset, teacher,
+                                                                         monkeypatch):
+    seen = _record_views(monkeypatch)
+    run(load_recipe(_student(tmp_path, image_dataset, teacher)), "distill", tmp_path / "artifacts")
+    assert seen
+    for teacher_view, student_view in seen:
+        assert teacher_view.shape[-1] == 32 and student_view.shape[-1] == 16
+        # the student's view is the teacher's, shrunk: the same crop, flip and colours of the same photo...
+        torch.testing.assert_close(student_view, _shrink(teacher_view, 16))
+    # ...and a real crop: not the uncropped photo (a test that could not tell the two apart proves nothing)
+    dataset = open_dataset(load_recipe(tmp_path / "small_student.yaml").data, splits=("train",))
+    plain = torch.from_numpy(np.array(dataset.splits["train"].images[:])).permute(0, 3, 1, 2).float()
+    first_student = seen[0][1]
+    assert not any(torch.allclose(view, image, atol=1) for view in first_student for image in plain)
+
+
+def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, teacher):
+    """Each epoch's student view of a photo is the stored view the teacher's logits describe."""
+    from edgekd.train.checkpoint import file_sha256, load_model
+
+    config = AugmentConfig(**AUGMENT, render_size=32)
+    data = load_recipe(_student(tmp_path, image_dataset, teacher)).data
+    split = open_dataset(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
+    model, meta = load_model(teacher)
+    inputs: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    views = teacher_views(model, file_sha256(teacher), 3, split, "test-store", config, 32, 32, count=2, seed=5,
+                          choice_seed=0, cache_root=tmp_path / "cache", autocast=contextlib.nullcontext,
+                          batch_size=1000)
+    rows = np.sort(split.rows)
+    per_view = dict(enumerate(inputs))  # one teacher call per stored view k, every photo in one chunk
+    from edgekd.train.augment import render_views
+
+    for epoch in (1, 2, 3):
+        picks = views.choose(rows, epoch)
+        stored, logits = views.views(rows, epoch)
+        pixels = torch.from_numpy(np.array(split.images[rows])).permute(0, 3, 1, 2)
+        student = render_views(pixels, stored, config, 16)
+        seen_by_teacher = torch.stack([per_view[k][i] for i, k in enumerate(picks)])
+        torch.testing.assert_close(student, _shrink(seen_by_teacher, 16))
+        with torch.no_grad():
+            expected = model(seen_by_teacher).numpy().astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(logits.numpy(), expected)
+    assert len({tuple(views.choose(rows, e)) for e in range(1, 6)}) > 1  # epochs draw different views
+
+
+def test_a_killed_fill_resumes_to_the_same_cache(tmp_path, image_dataset, teacher, monkeypatch):
+    from edgekd.train import teacher_views as module
+    from edgekd.train.checkpoint import file_sha256, load_model
+
+    config = AugmentConfig(**AUGMENT)
+    data = load_recipe(_student(tmp_path, image_dataset, teacher)).data
+    split = open_dataset(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
+    model, _ = load_model(teacher)
+    args = dict(teacher=model, teacher_sha256=file_sha256(teacher), num_classes=3, split=split, store_id="s",
+                config=config, render_size=32, teacher_size=32, count=3, seed=1, choice_seed=0,
+                autocast=contextlib.nullcontext, batch_size=8)
+    whole = teacher_views(cache_root=tmp_path / "whole", **args)
+    calls = {"n": 0}
+    real = module._save_atomic
+
+    def die_after_two_chunks(path, array):
+        real(path, array)
+        if path.name == "filled.npy":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_save_atomic", die_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_views(cache_root=tmp_path / "killed", **args)
+    monkeypatch.setattr(module, "_save_atomic", real)
+    resumed = teacher_views(cache_root=tmp_path / "killed", **args)
+    np.testing.assert_array_equal(resumed.logits, whole.logits)
+    np.testing.assert_array_equal(resumed.params, whole.params)
+
+
+def test_a_distillation_with_stored_views_trains_and_reuses_the_fill(tmp_path, image_dataset, teacher, caplog):
+    recipe = _student(tmp_path, image_dataset, teacher, teacher_views=2)
+    first = run(load_recipe(recipe), "distill", tmp_path / "artifacts")
+    assert first["status"] == "finished"
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(load_recipe(recipe, ["train.seed=1"]), "distill", tmp_path / "artifacts")
+    assert "read from" in caplog.text and "running the teacher" not in caplog.text  # another seed, same fill
