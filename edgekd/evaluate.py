@@ -71,8 +71,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: 
 
     model, payload = load_model(checkpoint, device)
     if int8_head:
-        from edgekd.train.precision import int8_linear_layers
-        from edgekd.train.trainer import bitsandbytes_module
+        from edgekd.train.precision import bitsandbytes_module, int8_linear_layers
 
         converted = int8_linear_layers(model.net.head, bitsandbytes_module())
         log.info("classifier: %d Linear layer(s) held in bitsandbytes int8 (Linear8bitLt)", converted)

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ from edgekd.cli import cli
 from edgekd.errors import RecipeError
 from edgekd.recipe import load_recipe
 from edgekd.runs import MetricsLog
-from edgekd.train.precision import (fp8_quantize_dequantize, fp8_weight_scale, fp16_round, make_policy)
+from edgekd.train import precision as precision_module
+from edgekd.train.precision import (cpu_has_native_bf16, fp8_quantize_dequantize, fp8_weight_scale, fp16_round,
+                                    make_policy)
 from edgekd.train.trainer import run
 from test_train import StopAfter, _strip_timing
 
@@ -37,7 +40,8 @@ def test_rounding_passes_gradients_straight_through():
     assert x.grad.item() == 1.0
 
 
-def test_policies_say_what_runs_natively_here():
+def test_policies_say_what_runs_natively_here(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: True)
     cpu = torch.device("cpu")
     assert make_policy("fp32", cpu).describe()["native"]
     bf16 = make_policy("bf16", cpu)
@@ -49,11 +53,40 @@ def test_policies_say_what_runs_natively_here():
         assert not policy.native and policy.detail.startswith("simulated")
 
 
+def test_bf16_without_bf16_instructions_is_labelled_emulated(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    policy = make_policy("bf16", torch.device("cpu"))
+    assert not policy.native and policy.autocast_dtype == torch.bfloat16  # still runs, honestly labelled
+    assert policy.detail.startswith("autocast bfloat16, emulated: this CPU has no AVX512-BF16/AMX")
+    assert "slower than fp32" in policy.detail and "slower" in policy.warning
+    assert make_policy("fp32", torch.device("cpu")).warning is None
+
+
+def test_the_bf16_label_follows_the_processors_instructions(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: "x86_64")
+    assert not cpu_has_native_bf16()  # oneDNN's own "bf16 supported" is true on any AVX-512 core: not asked
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_has_native_bf16() and make_policy("bf16", torch.device("cpu")).native
+
+
+def test_an_emulated_bf16_run_warns_once_and_records_it(tmp_path, teacher_recipe, monkeypatch, caplog):
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level(logging.INFO):
+        summary, records = _train(teacher_recipe, tmp_path / "a", "precision=bf16", "train.epochs=1",
+                                  "train.device=cpu")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([w for w in warnings if "bf16 is emulated" in w]) == 1
+    assert summary["precision"]["native"] is False and "emulated" in summary["precision"]["detail"]
+    assert all(r["precision_native"] is False for r in records)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp8"])
 def test_each_precision_trains_with_falling_loss_and_is_recorded(tmp_path, teacher_recipe, precision):
     summary, records = _train(teacher_recipe, tmp_path / "a", f"precision={precision}")
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    native = precision == "bf16"
+    native = precision == "bf16" and (torch.cuda.is_available() or cpu_has_native_bf16())
     assert all(r["precision"] == precision and r["precision_native"] is native for r in records)
     assert summary["precision"]["mode"] == precision and summary["precision"]["native"] is native
     checkpoint = torch.load(tmp_path / "a" / "tiny_teacher" / "best.pt", weights_only=True)

@@ -4,6 +4,9 @@ each at its own resolution, whether the teacher runs per batch or its views are 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,17 +112,37 @@ def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, tea
     assert len({tuple(views.choose(rows, e)) for e in range(1, 6)}) > 1  # epochs draw different views
 
 
-def test_a_killed_fill_resumes_to_the_same_cache(tmp_path, image_dataset, teacher, monkeypatch):
-    from edgekd.train import teacher_views as module
+def _fill_args(tmp_path, image_dataset, teacher) -> dict:
+    """teacher_views' arguments for a 3-view fill of the 32 px photos, in chunks of 8 photos."""
     from edgekd.train.checkpoint import file_sha256, load_model
 
-    config = AugmentConfig(**AUGMENT)
     data = load_recipe(_student(tmp_path, image_dataset, teacher)).data
     split = open_dataset(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
     model, _ = load_model(teacher)
-    args = dict(teacher=model, teacher_sha256=file_sha256(teacher), num_classes=3, split=split, store_id="s",
-                config=config, render_size=32, teacher_size=32, count=3, seed=1, choice_seed=0,
+    return dict(teacher=model, teacher_sha256=file_sha256(teacher), num_classes=3, split=split, store_id="s",
+                config=AugmentConfig(**AUGMENT), render_size=32, teacher_size=32, count=3, seed=1, choice_seed=0,
                 autocast=contextlib.nullcontext, batch_size=8)
+
+
+def _entry_folder(cache_root: Path) -> Path:
+    (folder,) = (cache_root / "teacher-views").iterdir()
+    return folder
+
+
+def _assert_same_files(folder: Path, expected: Path) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in expected.iterdir():
+        assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_killed_fill_resumes_to_the_same_cache(tmp_path, image_dataset, teacher, monkeypatch, caplog):
+    from edgekd.train import teacher_views as module
+
+    args = _fill_args(tmp_path, image_dataset, teacher)
     whole = teacher_views(cache_root=tmp_path / "whole", **args)
     calls = {"n": 0}
     real = module._save_atomic
@@ -135,9 +158,63 @@ def test_a_killed_fill_resumes_to_the_same_cache(tmp_path, image_dataset, teache
     with pytest.raises(KeyboardInterrupt):
         teacher_views(cache_root=tmp_path / "killed", **args)
     monkeypatch.setattr(module, "_save_atomic", real)
-    resumed = teacher_views(cache_root=tmp_path / "killed", **args)
+    assert np.load(_entry_folder(tmp_path / "killed") / "filled.npy").sum() == 16  # two chunks of 8 photos
+    with caplog.at_level(logging.INFO):
+        resumed = teacher_views(cache_root=tmp_path / "killed", **args)
+    assert "(16 done before)" in caplog.text and _warnings(caplog) == []  # resumed, not rebuilt
     np.testing.assert_array_equal(resumed.logits, whole.logits)
     np.testing.assert_array_equal(resumed.params, whole.params)
+    _assert_same_files(_entry_folder(tmp_path / "killed"), _entry_folder(tmp_path / "whole"))
+
+
+def _truncate_logits(folder: Path, args: dict) -> None:
+    data = (folder / "logits.npy").read_bytes()
+    (folder / "logits.npy").write_bytes(data[:len(data) // 2])
+
+
+def _params_of_another_seed(folder: Path, args: dict) -> None:
+    from edgekd.train.teacher_views import _draw_all
+
+    np.save(folder / "params.npy", _draw_all(len(args["split"].images), 3, 32, args["config"], seed=2))
+
+
+def _garbage_filled(folder: Path, args: dict) -> None:
+    (folder / "filled.npy").write_bytes(b"\x93NUMPY garbage, not an array" * 4)
+
+
+def _short_filled(folder: Path, args: dict) -> None:
+    np.save(folder / "filled.npy", np.ones(3, bool))
+
+
+def _foreign_manifest(folder: Path, args: dict) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["inputs"]["teacher_sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_truncate_logits, "logits.npy is unreadable"),
+    (_params_of_another_seed, "params.npy is not the views seed 1 draws"),
+    (_garbage_filled, "filled.npy is unreadable"),
+    (_short_filled, "filled.npy holds bool [3]"),
+    (_foreign_manifest, "manifest.json describes another entry (inputs differ)"),
+], ids=["truncated-logits", "params-of-another-seed", "garbage-filled", "short-filled", "foreign-manifest"])
+def test_a_damaged_or_foreign_cache_is_rebuilt_never_read(tmp_path, image_dataset, teacher, caplog, damage,
+                                                          reason):
+    args = _fill_args(tmp_path, image_dataset, teacher)
+    clean = teacher_views(cache_root=tmp_path / "clean", **args)
+    teacher_views(cache_root=tmp_path / "damaged", **args)
+    folder = _entry_folder(tmp_path / "damaged")
+    damage(folder, args)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rebuilt = teacher_views(cache_root=tmp_path / "damaged", **args)
+    (warning,) = _warnings(caplog)
+    assert str(folder) in warning and reason in warning
+    assert "running the teacher on 3 views" in caplog.text and "done before" not in caplog.text
+    np.testing.assert_array_equal(rebuilt.logits, clean.logits)
+    np.testing.assert_array_equal(rebuilt.params, clean.params)
+    _assert_same_files(folder, _entry_folder(tmp_path / "clean"))
 
 
 def test_a_distillation_with_stored_views_trains_and_reuses_the_fill(tmp_path, image_dataset, teacher, caplog):

@@ -253,7 +253,7 @@ def test_augmented_distillation_runs_the_teacher_per_batch_and_says_so(tmp_path,
 
 
 def test_an_ensemble_teacher_averages_its_members_logits(tmp_path, teacher_recipe, student_recipe):
-    from edgekd.train.trainer import TeacherEnsemble
+    from edgekd.train.teacher import TeacherEnsemble
 
     first = run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "a")
     second = run(load_recipe(teacher_recipe, ["train.epochs=1", "train.seed=1"]), "train", tmp_path / "a")

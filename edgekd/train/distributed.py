@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from edgekd.errors import RecipeError
+
 log = logging.getLogger(__name__)
 
 
@@ -77,10 +79,17 @@ class Distributed:
         return {"world_size": self.world, "backend": self.backend, "processes_per_node": self.local_world}
 
 
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is cuda but PyTorch sees no CUDA device",
+                          hint="set train.device=auto (uses CUDA when present, else CPU)")
+    if setting == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
 def start(device_setting: str) -> tuple[Distributed, torch.device]:
     """Join the process group torchrun set up (or run alone); returns this process's place and device."""
-    from edgekd.train.trainer import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_setting)
     if world == 1:

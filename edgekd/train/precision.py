@@ -3,7 +3,9 @@
 | precision | CUDA                                                  | CPU                                        |
 |-----------|-------------------------------------------------------|--------------------------------------------|
 | fp32      | native                                                | native                                     |
-| bf16      | autocast bfloat16 (native)                            | autocast bfloat16 (native)                 |
+| bf16      | autocast bfloat16 (native)                            | autocast bfloat16: native with AVX512-BF16 |
+|           |                                                       | or AMX (x86) or BF16 (Arm) instructions,   |
+|           |                                                       | otherwise emulated and slower than fp32    |
 | fp16      | autocast float16 + gradient scaler (native)           | weights and activations rounded to fp16,   |
 |           |                                                       | computed in fp32 (simulated: fp16 conv is  |
 |           |                                                       | ~12x slower than fp32 on this kind of CPU) |
@@ -20,6 +22,8 @@ are saved beside the weights for the fp8 export).
 from __future__ import annotations
 
 import contextlib
+import logging
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +144,7 @@ class PrecisionPolicy:
     autocast_dtype: torch.dtype | None = None
     fake_quant: str | None = None  # "fp16" or "fp8": layers round their inputs and weights
     scaler: torch.amp.GradScaler | None = field(default=None, repr=False)
+    warning: str | None = None  # logged once when a run starts with this policy: it will be slow here
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -175,15 +180,43 @@ def _clip(optimizer: torch.optim.Optimizer, clip_norm: float | None) -> None:
         torch.nn.utils.clip_grad_norm_(params, clip_norm)
 
 
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
+
+    Without them oneDNN still runs bf16 autocast, converting to fp32 around every op, which is slower
+    than plain fp32."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # absent from older torch
+        check = getattr(torch.cpu, name, None)
+        if check is not None and check():
+            return True
+    if platform.machine().lower() in _X86:
+        return False  # oneDNN calls bf16 "supported" on any AVX-512 core, emulated: no evidence here
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _bf16_policy(device: torch.device) -> PrecisionPolicy:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RecipeError("precision bf16: this GPU has no bfloat16 support", hint="use fp16 or fp32")
+    if device.type == "cuda" or cpu_has_native_bf16():
+        return PrecisionPolicy("bf16", device.type, True, "autocast bfloat16, fp32 master weights and loss",
+                               autocast_dtype=torch.bfloat16)
+    return PrecisionPolicy("bf16", device.type, False,
+                           "autocast bfloat16, emulated: this CPU has no AVX512-BF16/AMX (or Arm BF16) "
+                           "instructions, so it runs slower than fp32 here; fp32 master weights and loss",
+                           autocast_dtype=torch.bfloat16,
+                           warning="precision bf16 is emulated on this CPU (no AVX512-BF16/AMX or Arm BF16 "
+                                   "instructions): expect it to train slower than precision fp32")
+
+
 def make_policy(mode: str, device: torch.device) -> PrecisionPolicy:
     cuda = device.type == "cuda"
     if mode == "fp32":
         return PrecisionPolicy("fp32", device.type, True, "fp32 weights and arithmetic")
     if mode == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise RecipeError("precision bf16: this GPU has no bfloat16 support", hint="use fp16 or fp32")
-        return PrecisionPolicy("bf16", device.type, True, "autocast bfloat16, fp32 master weights and loss",
-                               autocast_dtype=torch.bfloat16)
+        return _bf16_policy(device)
     if mode == "fp16" and cuda:
         return PrecisionPolicy("fp16", "cuda", True, "autocast float16 with a gradient scaler",
                                autocast_dtype=torch.float16, scaler=torch.amp.GradScaler("cuda"))
@@ -198,6 +231,26 @@ def make_policy(mode: str, device: torch.device) -> PrecisionPolicy:
                                f"(per tensor, amax history {AMAX_HISTORY}), straight-through gradients, {compute} "
                                f"compute", autocast_dtype=torch.bfloat16 if cuda else None, fake_quant="fp8")
     raise RecipeError(f"precision {mode!r} is not one of fp32, bf16, fp16, fp8")
+
+
+def bitsandbytes_module():
+    """bitsandbytes, or a RecipeError saying how to get a version that runs here."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        raise RecipeError("train.optimizer adam8bit needs bitsandbytes, which is not installed",
+                          hint="pip install 'bitsandbytes>=0.50' (part of edgekd[train])") from None
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if not torch.cuda.is_available() and (major, minor) < (0, 50):
+        raise RecipeError(f"bitsandbytes {version} has no CPU 8-bit optimizers and there is no CUDA device",
+                          hint="pip install 'bitsandbytes>=0.50'")
+    # bitsandbytes warns on first use that optional 4-bit CPU kernels are missing; edgekd uses none of them.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
 
 
 def int8_linear_layers(module: nn.Module, bitsandbytes) -> int:

@@ -8,13 +8,18 @@ then picks one stored view per photo (seeded by epoch) and the student renders t
 resolution, so teacher and student still see the same crop while the teacher costs nothing after the fill.
 
 The entry is keyed by the teacher checkpoint, the decoded images, the augmentation settings, the render
-and teacher resolutions, K and the seed. The fill writes its progress after every chunk, so an
-interrupted fill continues where it stopped.
+and teacher resolutions, K and the seed. Its folder holds params.npy, logits.npy, filled.npy (which
+photos are done) and manifest.json (the key's inputs, the arrays' shapes and dtypes). The fill writes its
+progress after every chunk, so an interrupted fill continues where it stopped; a folder that does not
+check out (an unreadable file, a wrong shape or dtype, views the seed does not draw, a manifest of another
+entry) is never read: it is rebuilt from scratch, with a warning.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from edgekd.data import Split
 from edgekd.data.sources import digest
 from edgekd.recipe import AugmentConfig
+from edgekd.runs import atomic_write_json
 from edgekd.train.augment import Views, draw_views, render_views
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,71 @@ def entry_key(teacher_sha256: str, store_id: str, config: AugmentConfig, render_
     return digest(VERSION, teacher_sha256, store_id, asdict(config), render_size, teacher_size, count, seed)[:16]
 
 
+def _manifest(key: str, inputs: dict, rows: int, count: int, classes: int) -> dict:
+    """What a complete folder of this entry describes itself as (JSON types, so it compares to the file)."""
+    arrays = {"params": ([rows, count, _PARAMS], "float32"), "logits": ([rows, count, classes], "float16"),
+              "filled": ([rows], "bool")}
+    manifest = {"version": VERSION, "key": key, "inputs": inputs, "rows": rows, "count": count,
+                "classes": classes, "arrays": {name: {"shape": shape, "dtype": dtype}
+                                               for name, (shape, dtype) in arrays.items()}}
+    return json.loads(json.dumps(manifest))
+
+
+class _Damaged(Exception):
+    """Why a folder's files cannot be trusted."""
+
+
+def _read(path: Path, read):
+    """read(path), None when the file is absent; anything unreadable raises _Damaged naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        value = read(path)
+    except (OSError, ValueError, EOFError) as exc:  # json's decode error is a ValueError
+        raise _Damaged(f"{path.name} is unreadable ({exc})") from None
+    if path.suffix == ".npy" and not isinstance(value, np.ndarray):  # e.g. an .npz under the .npy name
+        raise _Damaged(f"{path.name} is not an array")
+    return value
+
+
+def _check(folder: Path, manifest: dict, params: np.ndarray) -> None:
+    """Raise _Damaged unless the folder is this entry's, complete or partly filled (or not yet created)."""
+    stored = _read(folder / "manifest.json", lambda path: json.loads(path.read_text()))
+    if stored is not None and stored != manifest:
+        fields = [name for name in manifest if stored.get(name) != manifest[name]] or ["extra fields"]
+        raise _Damaged(f"manifest.json describes another entry ({', '.join(fields)} differ)")
+    arrays = {"params": _read(folder / "params.npy", np.load),
+              "logits": _read(folder / "logits.npy", lambda path: np.load(path, mmap_mode="r")),
+              "filled": _read(folder / "filled.npy", np.load)}
+    for name, array in arrays.items():
+        spec = manifest["arrays"][name]
+        if array is not None and (list(array.shape) != spec["shape"] or array.dtype != spec["dtype"]):
+            raise _Damaged(f"{name}.npy holds {array.dtype} {list(array.shape)}, not {spec['dtype']} "
+                           f"{spec['shape']}")
+    if arrays["params"] is not None and not np.array_equal(arrays["params"], params):
+        raise _Damaged(f"params.npy is not the views seed {manifest['inputs']['seed']} draws")
+    if arrays["logits"] is None and arrays["filled"] is not None and arrays["filled"].any():
+        raise _Damaged("filled.npy marks photos done but there is no logits.npy")
+
+
+def _open_folder(folder: Path, manifest: dict, params: np.ndarray) -> None:
+    """Check the entry's folder, rebuild it when it fails, then create whatever it lacks (manifest last)."""
+    try:
+        _check(folder, manifest, params)
+    except _Damaged as damage:
+        log.warning("teacher views: rebuilding %s from scratch: %s", folder, damage)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "params.npy").is_file():
+        _save_atomic(folder / "params.npy", params)
+    if not (folder / "logits.npy").is_file():
+        shape = tuple(manifest["arrays"]["logits"]["shape"])
+        np.lib.format.open_memmap(folder / "logits.tmp.npy", mode="w+", dtype=np.float16, shape=shape).flush()
+        (folder / "logits.tmp.npy").replace(folder / "logits.npy")
+    if not (folder / "manifest.json").is_file():  # a folder from before manifests is adopted once it checks out
+        atomic_write_json(folder / "manifest.json", manifest)
+
+
 @torch.inference_mode()
 def _fill(teacher, split: Split, entry: TeacherViews, config: AugmentConfig, teacher_size: int, folder: Path,
           filled: np.ndarray, batch_size: int, autocast) -> None:
@@ -101,18 +172,16 @@ def teacher_views(teacher: torch.nn.Module, teacher_sha256: str, num_classes: in
 
     `seed` draws the views (students of several seeds can share one fill); `choice_seed` picks each
     epoch's view per photo (the student's own seed)."""
-    folder = cache_root / "teacher-views" / entry_key(teacher_sha256, store_id, config, render_size,
-                                                      teacher_size, count, seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    key = entry_key(teacher_sha256, store_id, config, render_size, teacher_size, count, seed)
+    folder = cache_root / "teacher-views" / key
     total = len(split.images)
-    if not (folder / "params.npy").is_file():
-        _save_atomic(folder / "params.npy", _draw_all(total, count, render_size, config, seed))
-    if not (folder / "logits.npy").is_file():
-        np.lib.format.open_memmap(folder / "logits.tmp.npy", mode="w+", dtype=np.float16,
-                                  shape=(total, count, num_classes)).flush()
-        (folder / "logits.tmp.npy").replace(folder / "logits.npy")
+    inputs = {"teacher_sha256": teacher_sha256, "store_id": store_id, "augment": asdict(config),
+              "render_size": render_size, "teacher_size": teacher_size, "seed": seed}
+    # Drawing is cheap, and comparing against the draw is what proves params.npy is this seed's.
+    params = _draw_all(total, count, render_size, config, seed)
+    _open_folder(folder, _manifest(key, inputs, total, count, num_classes), params)
     filled = np.load(folder / "filled.npy") if (folder / "filled.npy").is_file() else np.zeros(total, bool)
-    entry = TeacherViews(np.load(folder / "params.npy"), np.load(folder / "logits.npy", mmap_mode="r+"), seed)
+    entry = TeacherViews(params, np.load(folder / "logits.npy", mmap_mode="r+"), seed)
     missing = int((~filled[split.rows]).sum())
     if missing:
         start = time.perf_counter()

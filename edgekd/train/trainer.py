@@ -8,7 +8,6 @@ state, so `--resume` continues with the next epoch exactly as an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import random
@@ -19,29 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edgekd.data import Dataset, RowStore, Split, channel_stats, open_dataset
-from edgekd.data.cache import default_cache_root
-from edgekd.data.sources import digest
 from edgekd.errors import CheckpointError, DataError, EdgekdError, RecipeError
 from edgekd.evaluate import evaluate_model
 from edgekd.models import (Classifier, create_model, freeze_backbone, load_pretrained, pretrained_normalisation,
                            resolve_pretrained, set_train_mode)
 from edgekd.models.pretrained import read_state
 from edgekd.models.summary import count_parameters
-from edgekd.recipe import Recipe, dump_recipe, load_recipe
+from edgekd.recipe import Recipe, dump_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
                          new_run_dir)
 from edgekd.train import distributed
 from edgekd.train.augment import batch_generator, draw_views, render_views
 from edgekd.train.batches import Batch, batch_count, iter_batches
-from edgekd.train.checkpoint import describe_model, file_sha256, load_model, read_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import describe_model, read_checkpoint, save_checkpoint
 from edgekd.train.ema import WeightAverage
 from edgekd.train.losses import ce_loss, distill_loss
-from edgekd.train.precision import PrecisionPolicy, amax_histories, fp8_scales, load_amax_histories, make_policy
-from edgekd.train.teacher_cache import cached_teacher_logits
-from edgekd.train.teacher_views import TeacherViews, resize_for, teacher_views
+from edgekd.train.precision import (PrecisionPolicy, amax_histories, bitsandbytes_module, fp8_scales,
+                                    load_amax_histories, make_policy)
+from edgekd.train.teacher import Teacher, load_teacher, prepare_teacher, resolve_teachers
+from edgekd.train.teacher_views import TeacherViews, resize_for
 
 log = logging.getLogger(__name__)
 
@@ -96,65 +93,6 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
-
-
-def resolve_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RecipeError("train.device is cuda but PyTorch sees no CUDA device",
-                          hint="set train.device=auto (uses CUDA when present, else CPU)")
-    if setting == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-def _checkpoint_file(value: str, key: str) -> Path:
-    path = Path(value).absolute()
-    path = path / "best.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise CheckpointError(f"{key} {path} does not exist",
-                              hint="train the teacher first (`edgekd train <teacher recipe>`)")
-    return path
-
-
-def resolve_teachers(recipe: Recipe, artifacts: Path) -> list[Path]:
-    """Every teacher checkpoint: the main one, then the ensemble's."""
-    return [resolve_teacher(recipe, artifacts),
-            *(_checkpoint_file(value, "teacher.ensemble member") for value in recipe.teacher.ensemble)]
-
-
-def resolve_teacher(recipe: Recipe, artifacts: Path) -> Path:
-    """The teacher checkpoint a distillation recipe names (directly, or via the teacher's recipe)."""
-    teacher = recipe.teacher
-    if teacher.checkpoint:
-        return _checkpoint_file(teacher.checkpoint, "teacher.checkpoint")
-    if teacher.recipe:
-        teacher_name = load_recipe(teacher.recipe).name
-        run_dir = latest_run_dir(artifacts, teacher_name, needs="best.pt")
-        if run_dir is None:
-            raise CheckpointError(f"no finished run of the teacher recipe {teacher.recipe} under {artifacts}/",
-                                  hint=f"run `edgekd train {teacher.recipe}` first, or set teacher.checkpoint")
-        return (run_dir / "best.pt").absolute()
-    raise RecipeError(f"{recipe.source}: distillation needs a teacher: set teacher.checkpoint or teacher.recipe")
-
-
-def bitsandbytes_module():
-    """bitsandbytes, or a RecipeError saying how to get a version that runs here."""
-    from importlib import metadata
-
-    try:
-        version = metadata.version("bitsandbytes")
-    except metadata.PackageNotFoundError:
-        raise RecipeError("train.optimizer adam8bit needs bitsandbytes, which is not installed",
-                          hint="pip install 'bitsandbytes>=0.50' (part of edgekd[train])") from None
-    major, minor = (int(part) for part in version.split(".")[:2])
-    if not torch.cuda.is_available() and (major, minor) < (0, 50):
-        raise RecipeError(f"bitsandbytes {version} has no CPU 8-bit optimizers and there is no CUDA device",
-                          hint="pip install 'bitsandbytes>=0.50'")
-    # bitsandbytes warns on first use that optional 4-bit CPU kernels are missing; edgekd uses none of them.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import bitsandbytes
-
-    return bitsandbytes
 
 
 def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
@@ -215,7 +153,7 @@ def _now() -> str:
 
 class Trainer:
     def __init__(self, recipe: Recipe, mode: str, run_dir: Path, dataset: Dataset, device: torch.device,
-                 teacher: tuple[Classifier, dict] | None, callbacks: Callbacks,
+                 teacher: Teacher | None, callbacks: Callbacks,
                  dist: distributed.Distributed | None = None, train_split: Split | None = None):
         self.recipe, self.mode, self.run_dir, self.dataset = recipe, mode, run_dir, dataset
         # The photos batches come from: the dataset's own train split, or the same photos decoded at
@@ -225,7 +163,7 @@ class Trainer:
         self.device, self.dist = device, dist or distributed.Distributed()
         self.callbacks = callbacks if self.dist.main else _Silent()
         self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
-        self.teacher_logits: np.ndarray | None = None  # (rows, classes) fp16 when cached
+        self.teacher_logits: RowStore | None = None  # (rows, classes) fp16 when cached
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.stopper = EarlyStopping(recipe.train.patience)
         self.epoch = 0
@@ -479,61 +417,6 @@ class Trainer:
 
 # ----- entry point --------------------------------------------------------------------------------------
 
-class TeacherEnsemble(torch.nn.Module):
-    """Several teachers as one: the mean of their logits."""
-
-    def __init__(self, members: list[torch.nn.Module]):
-        super().__init__()
-        self.members = torch.nn.ModuleList(members)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member(pixels).float() for member in self.members]).mean(0)
-
-
-def _load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset: Dataset):
-    loaded = [_load_one_teacher(path, device, dataset) for path in resolve_teachers(recipe, artifacts)]
-    if len(loaded) == 1:
-        return loaded[0]
-    metas = [meta for _, meta in loaded]
-    if len({meta["image_size"] for meta in metas}) > 1:
-        raise CheckpointError("teacher.ensemble members were trained at different image sizes: "
-                              f"{[meta['image_size'] for meta in metas]}", hint="use teachers of one image size")
-    meta = {**metas[0], "path": " + ".join(str(m["path"]) for m in metas),
-            "sha256": hashlib.sha256("".join(m["sha256"] for m in metas).encode()).hexdigest(),
-            "model": {"name": f"ensemble of {len(metas)}", "members": [m["model"] for m in metas]},
-            "run": " + ".join(str(m.get("run")) for m in metas)}
-    log.info("teacher: an ensemble of %d checkpoints (mean of their logits)", len(metas))
-    return TeacherEnsemble([model for model, _ in loaded]).eval(), meta
-
-
-def _load_one_teacher(path: Path, device: torch.device, dataset: Dataset):
-    teacher, meta = load_model(path, device)
-    meta["sha256"] = file_sha256(path)
-    if meta["class_names"] != dataset.class_names:
-        raise CheckpointError(f"teacher {path} was trained on classes {meta['class_names']}, this dataset has "
-                              f"{dataset.class_names}", hint="distill on the teacher's dataset")
-    for param in teacher.parameters():
-        param.requires_grad = False
-    log.debug("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
-    return teacher, meta
-
-
-def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher, device: torch.device) -> RowStore:
-    """Teacher logits for every train-cache row (unlabeled photos included), at the teacher's own image size."""
-    model, meta = teacher
-    entries = dataset.train_entries
-    if meta["image_size"] != dataset.image_size:
-        teacher_view = dataclasses.replace(recipe.data, image_size=meta["image_size"])
-        teacher_entries = open_dataset(teacher_view, splits=("train",), workers=recipe.train.workers).train_entries
-        if [e.ids for e in teacher_entries] != [e.ids for e in entries]:
-            raise CheckpointError("the teacher-resolution and student-resolution caches hold different files")
-        log.info("student at %dpx learns from teacher logits computed at %dpx", dataset.image_size,
-                 meta["image_size"])
-        entries = teacher_entries
-    return RowStore([cached_teacher_logits(model, meta["sha256"], len(meta["class_names"]), entry, device,
-                                           recipe.train.batch_size) for entry in entries])
-
-
 def input_normalisation(recipe: Recipe, dataset: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """What a pretrained backbone's weights expect; otherwise the training split's own statistics."""
     if recipe.model.pretrained:
@@ -560,31 +443,6 @@ def _render_split(recipe: Recipe, dataset: Dataset) -> Split:
                         hint="a photo decoded at one size but not the other; see the skipped files in the logs")
     log.info("views are rendered from the photos decoded at %dpx, then resized to %dpx", size, dataset.image_size)
     return Split("train", rendered.splits["train"].images, train.labels, train.rows)
-
-
-def _prepare_teacher(trainer: Trainer, recipe: Recipe, dataset: Dataset, teacher, device: torch.device) -> None:
-    """Where the teacher's logits come from: a per-dataset cache, stored views, or every batch."""
-    model, meta = teacher
-    if recipe.distill.cache_teacher_logits and not recipe.augment.active:
-        trainer.teacher_logits = _teacher_logit_cache(recipe, dataset, teacher, device)
-    elif recipe.augment.active and recipe.distill.teacher_views:
-        split = trainer.train_split
-        store_id = digest(*(entry.path.name for entry in dataset.train_entries), split.images.shape)
-        cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
-        trainer.views = teacher_views(model, meta["sha256"], len(meta["class_names"]), split, store_id,
-                                      recipe.augment, split.images.shape[1], meta["image_size"],
-                                      recipe.distill.teacher_views, recipe.distill.teacher_views_seed,
-                                      recipe.train.seed, cache_root,
-                                      trainer.policy.autocast)
-    elif recipe.augment.active:
-        log.info("augmentation is on, so the teacher runs on every batch, on the view the student sees "
-                 "(distill.teacher_views: K stores K views per photo and runs the teacher once per view)")
-    else:
-        log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
-    if recipe.augment.active and meta["image_size"] != trainer.train_split.images.shape[1]:
-        log.warning("the teacher (%dpx) sees views rendered at %dpx, resized: set augment.render_size: %d so "
-                    "it sees them at its own resolution", meta["image_size"], trainer.train_split.images.shape[1],
-                    meta["image_size"])
 
 
 def _run_dir_for(recipe: Recipe, artifacts: Path, resume: bool) -> tuple[Path, dict | None]:
@@ -626,7 +484,9 @@ def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
 def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distributed.Distributed,
                        device: torch.device) -> None:
     """Everything that can be refused is refused before any image is decoded."""
-    make_policy(recipe.precision, device)
+    policy = make_policy(recipe.precision, device)
+    if policy.warning and dist.main:
+        log.warning("%s", policy.warning)
     if recipe.model.pretrained:  # a missing package or file, or a damaged one: refused now
         read_state(resolve_pretrained(recipe.model.name, recipe.model.pretrained))
     if recipe.train.optimizer == "adam8bit":
@@ -648,7 +508,7 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
     _check_before_work(recipe, mode, artifacts, dist, device)
     with dist.node_main_first():  # one process per node decodes; the others then read its cache
         dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
-    teacher = _load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
+    teacher = load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
     run_dir, last = _run_dir_for(recipe, artifacts, resume) if dist.main else (None, None)
     run_dir, resumed = dist.broadcast((run_dir, last is not None))  # rank 0 picks the folder
     if resumed and last is None:
@@ -662,7 +522,8 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist, train_split)
     if teacher is not None:
         with dist.node_main_first():
-            _prepare_teacher(trainer, recipe, dataset, teacher, device)
+            trainer.teacher_logits, trainer.views = prepare_teacher(recipe, dataset, teacher, device,
+                                                                    trainer.train_split, trainer.policy.autocast)
     if last is not None:
         trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
         trainer.restore(last)

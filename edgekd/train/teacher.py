@@ -1,0 +1,155 @@
+"""The teacher side of distillation: which checkpoints teach, loading them, and where their logits come from.
+
+A distillation's teacher logits come from one of three places, decided once before the loop starts: a
+per-dataset cache (no augmentation: the teacher sees the same pixels every epoch), stored teacher views
+(augmentation with `distill.teacher_views`), or the teacher itself on every batch. The trainer only asks
+for logits; this module owns the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from edgekd.data import Dataset, RowStore, Split, open_dataset
+from edgekd.data.cache import default_cache_root
+from edgekd.data.sources import digest
+from edgekd.errors import CheckpointError, RecipeError
+from edgekd.models import Classifier
+from edgekd.recipe import Recipe, load_recipe
+from edgekd.runs import latest_run_dir
+from edgekd.train.checkpoint import file_sha256, load_model
+from edgekd.train.teacher_cache import cached_teacher_logits
+from edgekd.train.teacher_views import TeacherViews, teacher_views
+
+log = logging.getLogger(__name__)
+
+Teacher = tuple[torch.nn.Module, dict]  # the model (eval mode, frozen) and its checkpoint's metadata
+
+
+# ----- which checkpoints teach --------------------------------------------------------------------------
+
+def _checkpoint_file(value: str, key: str) -> Path:
+    path = Path(value).absolute()
+    path = path / "best.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"{key} {path} does not exist",
+                              hint="train the teacher first (`edgekd train <teacher recipe>`)")
+    return path
+
+
+def resolve_teachers(recipe: Recipe, artifacts: Path) -> list[Path]:
+    """Every teacher checkpoint: the main one, then the ensemble's."""
+    return [resolve_teacher(recipe, artifacts),
+            *(_checkpoint_file(value, "teacher.ensemble member") for value in recipe.teacher.ensemble)]
+
+
+def resolve_teacher(recipe: Recipe, artifacts: Path) -> Path:
+    """The teacher checkpoint a distillation recipe names (directly, or via the teacher's recipe)."""
+    teacher = recipe.teacher
+    if teacher.checkpoint:
+        return _checkpoint_file(teacher.checkpoint, "teacher.checkpoint")
+    if teacher.recipe:
+        teacher_name = load_recipe(teacher.recipe).name
+        run_dir = latest_run_dir(artifacts, teacher_name, needs="best.pt")
+        if run_dir is None:
+            raise CheckpointError(f"no finished run of the teacher recipe {teacher.recipe} under {artifacts}/",
+                                  hint=f"run `edgekd train {teacher.recipe}` first, or set teacher.checkpoint")
+        return (run_dir / "best.pt").absolute()
+    raise RecipeError(f"{recipe.source}: distillation needs a teacher: set teacher.checkpoint or teacher.recipe")
+
+
+# ----- loading them -------------------------------------------------------------------------------------
+
+class TeacherEnsemble(torch.nn.Module):
+    """Several teachers as one: the mean of their logits."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(pixels).float() for member in self.members]).mean(0)
+
+
+def load_teacher(recipe: Recipe, artifacts: Path, device: torch.device, dataset: Dataset) -> Teacher:
+    """The recipe's teacher (or the mean of its ensemble) and its metadata, checked against the dataset."""
+    loaded = [_load_one_teacher(path, device, dataset) for path in resolve_teachers(recipe, artifacts)]
+    if len(loaded) == 1:
+        return loaded[0]
+    metas = [meta for _, meta in loaded]
+    if len({meta["image_size"] for meta in metas}) > 1:
+        raise CheckpointError("teacher.ensemble members were trained at different image sizes: "
+                              f"{[meta['image_size'] for meta in metas]}", hint="use teachers of one image size")
+    meta = {**metas[0], "path": " + ".join(str(m["path"]) for m in metas),
+            "sha256": hashlib.sha256("".join(m["sha256"] for m in metas).encode()).hexdigest(),
+            "model": {"name": f"ensemble of {len(metas)}", "members": [m["model"] for m in metas]},
+            "run": " + ".join(str(m.get("run")) for m in metas)}
+    log.info("teacher: an ensemble of %d checkpoints (mean of their logits)", len(metas))
+    return TeacherEnsemble([model for model, _ in loaded]).eval(), meta
+
+
+def _load_one_teacher(path: Path, device: torch.device, dataset: Dataset) -> tuple[Classifier, dict]:
+    teacher, meta = load_model(path, device)
+    meta["sha256"] = file_sha256(path)
+    if meta["class_names"] != dataset.class_names:
+        raise CheckpointError(f"teacher {path} was trained on classes {meta['class_names']}, this dataset has "
+                              f"{dataset.class_names}", hint="distill on the teacher's dataset")
+    for param in teacher.parameters():
+        param.requires_grad = False
+    log.debug("teacher: %s (%s, val acc %.4f)", path, meta["model"]["name"], meta.get("val_acc", float("nan")))
+    return teacher, meta
+
+
+# ----- where its logits come from -----------------------------------------------------------------------
+
+def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device) -> RowStore:
+    """Teacher logits for every train-cache row (unlabeled photos included), at the teacher's own image size."""
+    model, meta = teacher
+    entries = dataset.train_entries
+    if meta["image_size"] != dataset.image_size:
+        teacher_view = dataclasses.replace(recipe.data, image_size=meta["image_size"])
+        teacher_entries = open_dataset(teacher_view, splits=("train",), workers=recipe.train.workers).train_entries
+        if [e.ids for e in teacher_entries] != [e.ids for e in entries]:
+            raise CheckpointError("the teacher-resolution and student-resolution caches hold different files")
+        log.info("student at %dpx learns from teacher logits computed at %dpx", dataset.image_size,
+                 meta["image_size"])
+        entries = teacher_entries
+    return RowStore([cached_teacher_logits(model, meta["sha256"], len(meta["class_names"]), entry, device,
+                                           recipe.train.batch_size) for entry in entries])
+
+
+def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Split, autocast) -> TeacherViews:
+    model, meta = teacher
+    store_id = digest(*(entry.path.name for entry in dataset.train_entries), split.images.shape)
+    cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
+    return teacher_views(model, meta["sha256"], len(meta["class_names"]), split, store_id, recipe.augment,
+                         split.images.shape[1], meta["image_size"], recipe.distill.teacher_views,
+                         recipe.distill.teacher_views_seed, recipe.train.seed, cache_root, autocast)
+
+
+def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device, split: Split,
+                    autocast) -> tuple[RowStore | None, TeacherViews | None]:
+    """Where the teacher's logits come from: (cached logits, None), (None, stored views), or (None, None) when
+    the teacher runs on every batch. `split` is what batches are drawn from (at augment.render_size) and
+    `autocast` the precision policy's context, which the stored views' fill runs under."""
+    meta = teacher[1]
+    logits, views = None, None
+    if recipe.distill.cache_teacher_logits and not recipe.augment.active:
+        logits = _teacher_logit_cache(recipe, dataset, teacher, device)
+    elif recipe.augment.active and recipe.distill.teacher_views:
+        views = _stored_views(recipe, dataset, teacher, split, autocast)
+    elif recipe.augment.active:
+        log.info("augmentation is on, so the teacher runs on every batch, on the view the student sees "
+                 "(distill.teacher_views: K stores K views per photo and runs the teacher once per view)")
+    else:
+        log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
+    if recipe.augment.active and meta["image_size"] != split.images.shape[1]:
+        log.warning("the teacher (%dpx) sees views rendered at %dpx, resized: set augment.render_size: %d so "
+                    "it sees them at its own resolution", meta["image_size"], split.images.shape[1],
+                    meta["image_size"])
+    return logits, views
