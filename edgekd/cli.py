@@ -228,13 +228,17 @@ def _newest_run(artifacts, mode: str | None = None) -> Path:
               help="Output folder (default: <run>/exports).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None,
               help="Real training images (class-balanced, seeded) that calibrate int8 [recipe: 300].")
+@click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+              help="How int8 activation ranges are set: observed extremes, 99.99th percentile, or entropy "
+                   "[recipe: minmax].")
 @click.option("--keep-float", multiple=True, type=click.Choice(["stem", "classifier"]),
               help="Leave these sensitive layers in float in the int8 graph (repeatable) [recipe: none].")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
               help="Dataset root, if it moved since training.")
 @click.option("--artifacts", type=click.Path(file_okay=False), default=None,
               help="Where runs live, to find the newest distilled one.")
-def export(target, fp16, int8, fp8, all_, out, calibration_images, keep_float, data_root, artifacts) -> None:
+def export(target, fp16, int8, fp8, all_, out, calibration_images, calibration_method, keep_float, data_root,
+           artifacts) -> None:
     """Export a run or checkpoint to ONNX: fp32 always, plus --fp16, --int8, --fp8 or --all.
 
     TARGET is a run folder or a .pt file; without it, the newest distilled run under artifacts/.
@@ -248,7 +252,7 @@ def export(target, fp16, int8, fp8, all_, out, calibration_images, keep_float, d
     wanted = [p for p, flag in zip(PRECISIONS, (True, fp16, int8, fp8)) if flag or all_]
     out_dir = Path(out) if out else checkpoint.parent / "exports"
     results = export_checkpoint(ExportPlan(checkpoint, wanted, out_dir, calibration_images,
-                                           list(keep_float) or None, data_root))
+                                           list(keep_float) or None, data_root, calibration_method))
     fp32_size = results[0].size_bytes
     click.echo(f"\n{'file':<40} {'precision':<9} {'MB':>8} {'x fp32':>7} {'max|dlogit|':>12} {'top-1 agree':>12}")
     for r in results:

@@ -174,6 +174,9 @@ class DistillConfig:
 class ExportConfig:
     # Real training images (class-balanced, seeded) that calibrate int8.
     calibration_images: int = field(default=300, metadata=_POSITIVE)
+    # How int8 activation ranges are set from them: minmax (the observed extremes), percentile (99.99th
+    # percentile of |x|: a few outliers no longer stretch the range; EfficientNet-Lite needs it) or entropy.
+    calibration_method: str = field(default="minmax", metadata=_choices("minmax", "percentile", "entropy"))
     # Layers the int8 graph keeps in float when it loses too much accuracy: stem, classifier.
     keep_float: list[str] = field(default_factory=list, metadata=_check(
         lambda v: set(v) <= {"stem", "classifier"}, "may only name stem and classifier"))

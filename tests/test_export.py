@@ -145,3 +145,23 @@ def test_a_model_trained_at_fp8_exports_to_fp8_without_losing_its_answers(tmp_pa
     summary = run(load_recipe(teacher_recipe, ["precision=fp8", "train.epochs=3"]), "train", tmp_path / "a")
     results = export_checkpoint(ExportPlan(tmp_path / "a" / summary["run"] / "best.pt", ["fp8"], tmp_path / "out"))
     assert results[-1].agreement >= 0.9
+
+
+def _activation_scales(path) -> dict[str, float]:
+    """The scale of every activation QuantizeLinear (weights are stored quantised, not quantised at run time)."""
+    graph = onnx.load(path).graph
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: float(constants[n.input[1]]) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in constants and constants[n.input[1]].size == 1}
+
+
+def test_percentile_calibration_ignores_outliers_that_stretch_minmax_ranges(distilled_run, tmp_path):
+    scales = {}
+    for method in ("minmax", "percentile"):
+        results = export_checkpoint(ExportPlan(distilled_run / "best.pt", ["int8"], tmp_path / method,
+                                               calibration_images=30, calibration_method=method))
+        scales[method] = _activation_scales(results[-1].path)
+    assert scales["minmax"].keys() == scales["percentile"].keys() and scales["minmax"]
+    # a percentile of |x| never exceeds its maximum, and some tensor has outliers above its 99.99th percentile
+    assert all(scales["percentile"][k] <= scales["minmax"][k] * (1 + 1e-6) for k in scales["minmax"])
+    assert any(scales["percentile"][k] < scales["minmax"][k] * 0.999 for k in scales["minmax"])

@@ -52,6 +52,7 @@ class ExportPlan:
     calibration_images: int | None = None  # None: the recipe's export.calibration_images
     keep_float: list[str] | None = None  # None: the recipe's export.keep_float
     data_root: str | None = None
+    calibration_method: str | None = None  # None: the recipe's export.calibration_method
 
 
 def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
@@ -65,6 +66,8 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
         plan.calibration_images = recipe.export.calibration_images
     if plan.keep_float is None:
         plan.keep_float = list(recipe.export.keep_float)
+    if plan.calibration_method is None:
+        plan.calibration_method = recipe.export.calibration_method
     reference_pixels = _sample(dataset.splits["val"], 256, seed=0, balanced=False)
     reference = torch_logits(model, reference_pixels)
     fp32, exporter = export_fp32(model, payload["image_size"])
@@ -112,8 +115,9 @@ def _convert(precision: str, fp32: onnx.ModelProto, plan: ExportPlan, dataset, f
         return to_fp16(fp32)
     if precision == "int8":
         calibration = _sample(dataset.splits["train"], plan.calibration_images, seed=0, balanced=True)
-        log.info("int8: calibrating on %d real training images (class-balanced, seed 0)", len(calibration))
-        return to_int8(fp32_path, calibration, plan.keep_float)
+        log.info("int8: calibrating on %d real training images (class-balanced, seed 0), %s ranges", len(calibration),
+                 plan.calibration_method)
+        return to_int8(fp32_path, calibration, plan.keep_float, plan.calibration_method)
     return to_fp8(fp32, _trained_fp8_scales(plan.checkpoint, fp32))
 
 

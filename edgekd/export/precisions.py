@@ -76,11 +76,18 @@ def sensitive_nodes(model: onnx.ModelProto, groups: list[str]) -> list[str]:
     return names
 
 
-def to_int8(fp32_path: Path, calibration: np.ndarray, keep_float: list[str]) -> onnx.ModelProto:
-    """onnxruntime static quantisation, QDQ format, per-channel int8 weights, uint8 activations."""
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def to_int8(fp32_path: Path, calibration: np.ndarray, keep_float: list[str],
+            method: str = "minmax") -> onnx.ModelProto:
+    """onnxruntime static quantisation, QDQ format, per-channel int8 weights, uint8 activations; activation
+    ranges from the calibration images by `method` (one of CALIBRATION_METHODS)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory() as tmp:
         prepared, output = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -89,7 +96,8 @@ def to_int8(fp32_path: Path, calibration: np.ndarray, keep_float: list[str]) -> 
         quantize_static(
             str(prepared), str(output), _CalibrationReader(input_name, calibration), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=sensitive_nodes(model, keep_float), calibrate_method=CalibrationMethod.MinMax)
+            nodes_to_exclude=sensitive_nodes(model, keep_float), calibrate_method=methods[method],
+            extra_options={"CalibPercentile": 99.99} if method == "percentile" else {})
         return onnx.load(output)
 
 
