@@ -103,7 +103,9 @@ def render_views(pixels: Tensor, views: Views, config: AugmentConfig, size: int 
         x = _color(x, views.color)
     if size is not None and size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 255)
-    return x
+    # grid_sample returns NCHW; oneDNN's convolutions run 2-2.5x faster on channels-last input on CPU
+    # (measured: EfficientNet-Lite0 at 150 px, bf16, 33 -> 78 images/s on one thread)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def augment_batch(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
