@@ -82,3 +82,26 @@ def test_pytorch_and_onnxruntime_see_the_same_preprocessed_photo(run_with_export
         torch_logits = model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy()
     onnx_logits = run_logits(open_session(run_with_exports / "exports" / "tiny_student.fp32.onnx"), pixels)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=0)
+
+
+def test_a_teacher_at_another_resolution_is_measured_on_its_own_size_of_the_same_photos(tmp_path, image_dataset):
+    from conftest import write_recipe
+    from edgekd.data import open_dataset
+    from edgekd.recipe import load_recipe
+    from edgekd.train.checkpoint import read_checkpoint
+    from edgekd.train.trainer import run
+    from edgekd.validate import TEACHER_ROW, _pytorch_variants, _teacher_at_its_size
+
+    teacher = write_recipe(tmp_path / "big.yaml", image_dataset, data={"image_size": 32}, train={"epochs": 1})
+    run(load_recipe(teacher), "train", tmp_path / "artifacts")
+    student = write_recipe(tmp_path / "small.yaml", image_dataset, model={"blocks": 1}, train={"epochs": 1},
+                           teacher={"checkpoint": str(tmp_path / "artifacts" / "big" / "best.pt")})
+    run(load_recipe(student), "distill", tmp_path / "artifacts")
+    checkpoint = tmp_path / "artifacts" / "small" / "best.pt"
+    payload = read_checkpoint(checkpoint)
+    variants = _pytorch_variants(checkpoint, payload["teacher"], cuda=False)
+    _teacher_at_its_size(variants, payload, ValidationPlan(checkpoint.parent), "val", 18, tmp_path)
+    teacher_row = next(v for v in variants if v.name == TEACHER_ROW)
+    expected = open_dataset(load_recipe(teacher).data, splits=("val",)).splits["val"]
+    np.testing.assert_array_equal(np.load(teacher_row.pixels_file), expected.take(np.arange(len(expected)))[0])
+    assert variants[0].pixels_file is None  # the student keeps the shared 16 px images

@@ -64,6 +64,34 @@ def _split_pixels(payload: dict, plan: ValidationPlan) -> tuple[str, np.ndarray,
     return split, np.ascontiguousarray(pixels), labels
 
 
+def _teacher_at_its_size(variants: list, payload: dict, plan: ValidationPlan, split: str, count: int,
+                         folder: Path) -> None:
+    """A teacher trained at another resolution is measured on the same photos decoded at its own size
+    (shown the student's small images it would look worse than it is)."""
+    import dataclasses
+
+    from edgekd.data import open_dataset
+    from edgekd.train.checkpoint import read_checkpoint, stored_recipe
+
+    teacher = next((v for v in variants if v.name == TEACHER_ROW), None)
+    if teacher is None:
+        return
+    size = read_checkpoint(teacher.path)["image_size"]
+    if size == payload["image_size"]:
+        return
+    data = dataclasses.replace(stored_recipe(payload, plan.data_root).data, image_size=size, unlabeled=None,
+                               label_fraction=1.0)
+    own = open_dataset(data, splits=(split,)).splits[split]
+    if len(own) != count:  # a photo decodable at one size only: the rows would not line up
+        log.warning("teacher row left out: its %dpx %s split holds %d images, the student's %d", size, split,
+                    len(own), count)
+        variants.remove(teacher)
+        return
+    pixels, _ = own.take(np.arange(len(own)))
+    teacher.pixels_file = str(folder / f"teacher-{size}px.npy")
+    np.save(teacher.pixels_file, np.ascontiguousarray(pixels))
+
+
 def _gate(payload: dict, plan: ValidationPlan) -> Gate:
     from edgekd.train.checkpoint import stored_recipe
 
@@ -146,6 +174,7 @@ def validate_run(plan: ValidationPlan) -> Validation:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(str(Path(tmp) / "pixels.npy"), plan.batch_sizes, threads, plan.latency_seconds)
         np.save(settings.pixels_file, pixels)
+        _teacher_at_its_size(variants, payload, plan, split, len(labels), Path(tmp))
         reference = None
         for variant in variants:
             log.info("measuring %s (%s)", variant.name, Path(variant.path).name)

@@ -21,6 +21,7 @@ class Variant:
     precision: str
     provider: str  # cpu, cuda, tensorrt
     file_bytes: int = 0
+    pixels_file: str | None = None  # its own images (a teacher at another resolution); None: Settings'
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _latency(run, pixels: np.ndarray, batch: int, seconds: float) -> dict:
 
 def measure(variant: Variant, settings: Settings) -> dict:
     """Load the variant, predict the whole split, time each batch size; runs in its own process."""
-    pixels = np.load(settings.pixels_file)  # in memory before the baseline, so it is not counted
+    pixels = np.load(variant.pixels_file or settings.pixels_file)  # loaded before the baseline: not counted
     baseline = _rss_kib("VmRSS:")
     start = time.perf_counter()
     run = (_pytorch_runner if variant.kind == "pytorch" else _onnx_runner)(variant, settings.threads)
