@@ -52,12 +52,13 @@ ROWS = [
     Row("teacher", "teacher · EfficientNet-Lite0 (ImageNet) fine-tuned, 150 px", "train", "intel_lite0_teacher.yaml",
         (0,)),
     Row("s8_nokd", "8-block · no KD", "train", "intel_8block_lite0.yaml", (0, 1)),
-    Row("s8_kd", "8-block · KD from the teacher", "distill", "intel_8block_lite0.yaml", (0, 1), baseline="s8_nokd"),
+    Row("s8_kd", "8-block · KD from the teacher (baseline: no KD)", "distill", "intel_8block_lite0.yaml", (0, 1), baseline="s8_nokd"),
     Row("s4_nokd", "4-block · no KD", "train", "intel_4block_lite0.yaml", (0,)),
-    Row("s4_kd", "4-block · KD from the teacher", "distill", "intel_4block_lite0.yaml", (0,), baseline="s4_nokd"),
+    Row("s4_kd", "4-block · KD from the teacher (baseline: no KD)", "distill", "intel_4block_lite0.yaml", (0,), baseline="s4_nokd"),
     Row("s8_half", "8-block · KD, labels of half hidden, that half dropped", "distill", "intel_8block_lite0.yaml",
         (0,), HALF),
-    Row("s8_half_unl", "8-block · KD, labels of half hidden, that half as unlabeled photos", "distill",
+    Row("s8_half_unl", "8-block · KD, labels of half hidden, that half as unlabeled photos (baseline: the row above)",
+        "distill",
         "intel_8block_lite0.yaml", (0,), (*HALF, "data.hidden_labels=unlabeled"), baseline="s8_half"),
 ]
 
@@ -122,7 +123,7 @@ def result(args, name: str) -> dict:
 def table(args, results: dict[str, list[dict]]) -> str:
     lines = [f"full seg_train at {args.data}, val = 10% held out (split_seed 0); students 64 px, "
              f"{args.epochs} epochs, {args.precision}; teacher 150 px; val accuracy %, mean ± half-range over seeds",
-             "", "| row | seeds | train photos (unlabeled) | last-epoch val acc | best val acc | KD gain | wall time |",
+             "", "| row | seeds | train photos (unlabeled) | last-epoch val acc | best val acc | gain over its baseline | wall time |",
              "|---|---|---|---|---|---|---|"]
     for row in ROWS:
         runs = results.get(row.key)
