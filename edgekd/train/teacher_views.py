@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edgekd.data import Split
 from edgekd.data.sources import digest
@@ -194,10 +193,3 @@ def teacher_views(teacher: torch.nn.Module, teacher_sha256: str, num_classes: in
     else:
         log.info("teacher views: %d views of %d photos read from %s", count, len(split.rows), folder)
     return TeacherViews(entry.params, np.load(folder / "logits.npy", mmap_mode="r"), choice_seed)
-
-
-def resize_for(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    if pixels.shape[-1] == size:
-        return pixels
-    return F.interpolate(pixels.float(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False).clamp(0, 255)

@@ -30,7 +30,7 @@ from edgekd.recipe import Recipe, dump_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
                          new_run_dir)
 from edgekd.train import distributed
-from edgekd.train.augment import batch_generator, draw_views, render_views
+from edgekd.train.augment import batch_generator, draw_views, render_views, resize_for
 from edgekd.train.batches import Batch, batch_count, iter_batches
 from edgekd.train.checkpoint import describe_model, read_checkpoint, save_checkpoint
 from edgekd.train.ema import WeightAverage
@@ -38,7 +38,7 @@ from edgekd.train.losses import ce_loss, distill_loss
 from edgekd.train.precision import (PrecisionPolicy, amax_histories, bitsandbytes_module, fp8_scales,
                                     load_amax_histories, make_policy)
 from edgekd.train.teacher import Teacher, load_teacher, prepare_teacher, resolve_teachers
-from edgekd.train.teacher_views import TeacherViews, resize_for
+from edgekd.train.teacher_views import TeacherViews
 
 log = logging.getLogger(__name__)
 
