@@ -47,6 +47,14 @@ def _umask() -> int:
     return mask
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes a killed process never renamed (never the real files)."""
+    stale = sorted(folder.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

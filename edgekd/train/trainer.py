@@ -28,7 +28,7 @@ from edgekd.models.pretrained import read_state
 from edgekd.models.summary import count_parameters
 from edgekd.recipe import Recipe, dump_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
-                         new_run_dir)
+                         new_run_dir, remove_stale_temporaries)
 from edgekd.train import distributed
 from edgekd.train.augment import batch_generator, draw_views, render_views, resize_for
 from edgekd.train.batches import Batch, batch_count, iter_batches
@@ -452,6 +452,8 @@ def _run_dir_for(recipe: Recipe, artifacts: Path, resume: bool) -> tuple[Path, d
     if run_dir is None:
         raise EdgekdError(f"nothing to resume: no run of {recipe.name!r} with a last.pt under {artifacts}/",
                           hint="drop --resume to start a new run")
+    for stale in remove_stale_temporaries(run_dir):  # a SIGKILL during a save leaves its temporary behind
+        log.info("removed %s, left by a save the last process did not finish", stale.name)
     last = read_checkpoint(run_dir / "last.pt")
     if "train_state" not in last:
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no training state to resume from")
