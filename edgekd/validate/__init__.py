@@ -1,9 +1,11 @@
-"""`edgekd validate`: every export against the PyTorch original, on every onnxruntime provider, as a gate.
+"""`edgekd validate`: every export against the PyTorch original, on every onnxruntime provider and on
+OpenVINO, as a gate.
 
-Rows: PyTorch fp32 (CPU, and CUDA when present) and each exported file on each requested provider;
-providers this machine lacks are listed as skipped with the reason. Each row is measured in its own
-process (load time, peak memory, latency percentiles at each batch size) and compared with the PyTorch
-CPU row (accuracy change, top-1 agreement, probability differences, worst class).
+Rows: PyTorch fp32 (CPU, and CUDA when present) and each exported file on each requested provider
+(onnxruntime's cpu, cuda, tensorrt; `openvino`: OpenVINO's CPU device reading the .onnx itself); providers
+this machine lacks, and files a runtime cannot load, are listed as skipped with the reason. Each row is
+measured in its own process (load time, peak memory, latency percentiles at each batch size) and compared
+with the PyTorch CPU row (accuracy change, top-1 agreement, probability differences, worst class).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +22,12 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 from edgekd.validate.compare import Gate, compare
-from edgekd.validate.measure import Settings, Variant, measure
+from edgekd.validate.measure import Settings, Unsupported, Variant, measure, openvino_unusable, runtime_name
 
 log = logging.getLogger(__name__)
 
 PRECISION_ORDER = ("fp32", "fp16", "int8", "fp8")
+PROVIDER_ORDER = ("cpu", "cuda", "tensorrt", "openvino")  # onnxruntime's, then OpenVINO (its CPU device)
 TEACHER_ROW = "teacher pytorch fp32 · cpu"  # context only: not gated
 
 
@@ -31,7 +35,7 @@ TEACHER_ROW = "teacher pytorch fp32 · cpu"  # context only: not gated
 class ValidationPlan:
     run_dir: Path
     split: str | None = None  # None: test when the dataset has one, else val
-    providers: list[str] = field(default_factory=lambda: ["cpu", "cuda", "tensorrt"])
+    providers: list[str] = field(default_factory=lambda: list(PROVIDER_ORDER))
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     threads: int | None = None  # None: the physical core count
     max_drop_pts: float | None = None  # None: the recipe's export.max_drop_<precision>
@@ -128,31 +132,76 @@ def _export_precision(path: Path) -> str:
                           hint="re-export it with `edgekd export`") from exc
 
 
-def _onnx_variants(plan: ValidationPlan) -> tuple[list[Variant], list[dict]]:
-    """Every exported file on every requested provider; providers missing here become skipped rows."""
+def variant_name(precision: str, provider: str) -> str:
+    """"int8 · cpu" on onnxruntime's CPU provider, "int8 · openvino cpu" on OpenVINO's CPU device."""
+    return f"{precision} · {'openvino cpu' if provider == 'openvino' else provider}"
+
+
+def _provider_rank(provider: str) -> int:
+    return PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER)
+
+
+def _unusable_providers(requested: list[str]) -> dict[str, str]:
+    """Requested provider → why it cannot run here."""
     from edgekd.runtime.session import available_providers
 
+    offered = available_providers()
+    reasons = {p: f"no {p} provider in this onnxruntime build (it offers {', '.join(offered)})"
+               for p in requested if p != "openvino" and p not in offered}
+    if "openvino" in requested:
+        reason = in_fresh_process(openvino_unusable)  # never imported here, where torch is
+        if reason:
+            reasons["openvino"] = reason
+    return reasons
+
+
+def _onnx_variants(plan: ValidationPlan) -> tuple[list[Variant], list[dict]]:
+    """Every exported file on every requested provider; providers missing here become skipped rows."""
     exports = sorted((plan.run_dir / "exports").glob("*.onnx"))
     if not exports:
         raise EdgekdError(f"no exported model in {plan.run_dir / 'exports'}", hint="run `edgekd export --all` first")
-    offered = available_providers()
+    unusable = _unusable_providers(plan.providers)
     variants, skipped = [], []
     for path in exports:
         precision = _export_precision(path)
         for provider in plan.providers:
-            name = f"{precision} · {provider}"
-            if provider in offered:
-                variants.append(Variant(name, "onnx", str(path), precision, provider, path.stat().st_size))
+            name = variant_name(precision, provider)
+            if provider in unusable:
+                skipped.append({"variant": name, "file": path.name, "reason": unusable[provider]})
             else:
-                skipped.append({"variant": name, "file": path.name, "reason": f"no {provider} provider in this "
-                                f"onnxruntime build (it offers {', '.join(offered)})"})
-    variants.sort(key=lambda v: (PRECISION_ORDER.index(v.precision), v.provider))
+                variants.append(Variant(name, "onnx", str(path), precision, provider, path.stat().st_size))
+    variants.sort(key=lambda v: (PRECISION_ORDER.index(v.precision), _provider_rank(v.provider)))
     return variants, skipped
 
 
-def measure_in_fresh_process(variant: Variant, settings: Settings) -> dict:
+def in_fresh_process(function, *args):
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, variant, settings).result()
+        return pool.submit(function, *args).result()
+
+
+def measure_in_fresh_process(variant: Variant, settings: Settings) -> dict:
+    return in_fresh_process(measure, variant, settings)
+
+
+def _measure_or_skip(variant: Variant, settings: Settings) -> tuple[dict | None, str | None]:
+    """(measurements, None), or (None, why) when the variant's runtime cannot load or run its file."""
+    try:
+        return measure_in_fresh_process(variant, settings), None
+    except Unsupported as exc:
+        return None, str(exc)
+    except BrokenProcessPool:  # a runtime that crashes its process on a file (a native abort) cannot run it either
+        if variant.kind == "pytorch":
+            raise
+        return None, f"{runtime_name(variant.kind, variant.provider)} crashed its process loading or running it"
+
+
+def _row(variant: Variant, measured: dict, reference: np.ndarray, labels: np.ndarray, payload: dict,
+         gated: bool) -> dict:
+    return {"variant": variant.name, "precision": variant.precision, "provider": variant.provider,
+            "runtime": runtime_name(variant.kind, variant.provider), "gated": gated,
+            "file": Path(variant.path).name, "file_mb": variant.file_bytes / 1e6,
+            **compare(measured["logits"], reference, labels, payload["class_names"]),
+            **{k: v for k, v in measured.items() if k != "logits"}}
 
 
 def validate_run(plan: ValidationPlan) -> Validation:
@@ -178,16 +227,16 @@ def validate_run(plan: ValidationPlan) -> Validation:
         reference = None
         for variant in variants:
             log.info("measuring %s (%s)", variant.name, Path(variant.path).name)
-            measured = measure_in_fresh_process(variant, settings)
+            measured, reason = _measure_or_skip(variant, settings)
+            if measured is None:
+                log.warning("skipped %s (%s): %s", variant.name, Path(variant.path).name, reason)
+                skipped.append({"variant": variant.name, "file": Path(variant.path).name, "reason": reason})
+                continue
             reference = measured["logits"] if reference is None else reference
-            row = {"variant": variant.name, "precision": variant.precision, "provider": variant.provider,
-                   "runtime": "PyTorch eager" if variant.kind == "pytorch" else "onnxruntime",
-                   "gated": variant.name != TEACHER_ROW and variant is not variants[0],
-                   "file": Path(variant.path).name, "file_mb": variant.file_bytes / 1e6,
-                   **compare(measured["logits"], reference, labels, payload["class_names"]),
-                   **{k: v for k, v in measured.items() if k != "logits"}}
+            gated = variant.name != TEACHER_ROW and variant is not variants[0]
+            row = _row(variant, measured, reference, labels, payload, gated)
             rows.append(row)
-            if row is not rows[0] and variant.name != TEACHER_ROW and gate.failures(row):
+            if gated and gate.failures(row):
                 failures[variant.name] = gate.failures(row)
     return Validation(split, len(labels), rows, skipped, failures,
                       {"max_drop_pts": gate.max_drop_pts, "min_agreement": gate.min_agreement}, device,

@@ -44,4 +44,5 @@ def fingerprint(gpu_name: str | None) -> dict:
     return {"cpu": model, "logical_cores": os.cpu_count(), "physical_cores": physical,
             "instruction_sets": [f for f in ISA_FLAGS if f in flags], "gpu": gpu_name or "none",
             "onnxruntime": onnxruntime.__version__, "onnxruntime_providers": onnxruntime.get_available_providers(),
+            "openvino": _version("openvino"),  # from its metadata: importing it here would load it beside torch
             "torch": _version("torch"), "python": platform.python_version(), "os": platform.platform()}

@@ -1,8 +1,8 @@
-"""Measure one variant (PyTorch or an .onnx file on one provider) in a fresh process.
+"""Measure one variant (PyTorch, or an .onnx file on an onnxruntime provider or on OpenVINO) in a fresh process.
 
 A fresh process per variant makes load time and peak memory mean something: nothing another variant
-loaded is counted, and an onnxruntime row never has torch in memory. This module imports neither torch
-nor onnx at the top for that reason.
+loaded is counted, and an onnxruntime or OpenVINO row never has torch in memory. This module imports
+neither torch, onnx, onnxruntime nor openvino at the top for that reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Variant:
     kind: str  # "pytorch" or "onnx"
     path: str  # checkpoint or .onnx file
     precision: str
-    provider: str  # cpu, cuda, tensorrt
+    provider: str  # cpu, cuda, tensorrt (onnxruntime), openvino (OpenVINO's CPU device)
     file_bytes: int = 0
     pixels_file: str | None = None  # its own images (a teacher at another resolution); None: Settings'
 
@@ -31,6 +31,22 @@ class Settings:
     threads: int = 2
     latency_seconds: float = 2.0  # time spent measuring each batch size (after warm-up)
     eval_batch: int = 64
+
+
+class Unsupported(Exception):
+    """A runtime cannot load or run an exported file (an operator or type it lacks): a skipped row, not a crash."""
+
+
+def runtime_name(kind: str, provider: str) -> str:
+    if kind == "pytorch":
+        return "PyTorch eager"
+    return "OpenVINO" if provider == "openvino" else "onnxruntime"
+
+
+def _gist(exc: Exception) -> str:
+    """One line of a runtime's error: OpenVINO's and onnxruntime's messages end with the line that names the cause."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")]
+    return f"{exc.__class__.__name__}: {lines[-1] if lines else 'no message'}"[:300]
 
 
 def _rss_kib(field_name: str) -> int:
@@ -58,7 +74,7 @@ def _pytorch_runner(variant: Variant, threads: int):
             torch.cuda.synchronize()
         return logits.cpu().numpy()
 
-    return run
+    return run, {"threads": torch.get_num_threads()}
 
 
 def _onnx_runner(variant: Variant, threads: int):
@@ -66,7 +82,59 @@ def _onnx_runner(variant: Variant, threads: int):
 
     session = open_session(variant.path, variant.provider, threads)
     name = session.get_inputs()[0].name
-    return lambda pixels: session.run(None, {name: as_input(pixels)})[0].astype(np.float32)
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: as_input(pixels)})[0].astype(np.float32)
+
+    return run, {"threads": session.get_session_options().intra_op_num_threads}
+
+
+def _with_any_batch(model, ov) -> None:
+    """A file exported for one batch size is reshaped so that every timed batch size runs."""
+    shape = model.input(0).get_partial_shape()
+    if shape[0].is_static:
+        shape[0] = ov.Dimension()
+        model.reshape({model.input(0): shape})
+
+
+def _openvino_runner(variant: Variant, threads: int):
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(variant.path)
+    _with_any_batch(model, ov)
+    # f32: on CPUs with AVX512-BF16/AMX the CPU plugin would otherwise run float math in bf16, so the row would
+    # measure a silent downcast rather than the file (its int8/fp8 quantisation and fp16 weights are kept).
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+                                                 "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        # the layout of runtime.session.as_input, without importing onnxruntime into an OpenVINO row
+        return request.infer([np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)])[0]
+
+    return run, {"threads": compiled.get_property("INFERENCE_NUM_THREADS"),
+                 "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()}
+
+
+def _load(variant: Variant, threads: int):
+    """(run, the settings the runtime reports); a file a runtime cannot load raises Unsupported."""
+    if variant.kind == "pytorch":
+        return _pytorch_runner(variant, threads)  # the reference: its failures are errors, not skipped rows
+    runner = _openvino_runner if variant.provider == "openvino" else _onnx_runner
+    try:
+        return runner(variant, threads)
+    except Exception as exc:  # each runtime raises its own types (RuntimeError, onnxruntime's Fail, ImportError)
+        raise Unsupported(f"{runtime_name(variant.kind, variant.provider)} cannot load it: {_gist(exc)}") from None
+
+
+def _predict(run, variant: Variant, pixels: np.ndarray, batch: int) -> np.ndarray:
+    try:
+        return np.concatenate([run(pixels[i:i + batch]) for i in range(0, len(pixels), batch)]).astype(np.float32)
+    except Exception as exc:
+        if variant.kind == "pytorch":
+            raise
+        raise Unsupported(f"{runtime_name(variant.kind, variant.provider)} cannot run it: {_gist(exc)}") from None
 
 
 def _latency(run, pixels: np.ndarray, batch: int, seconds: float) -> dict:
@@ -86,14 +154,29 @@ def _latency(run, pixels: np.ndarray, batch: int, seconds: float) -> dict:
 
 
 def measure(variant: Variant, settings: Settings) -> dict:
-    """Load the variant, predict the whole split, time each batch size; runs in its own process."""
+    """Load the variant, predict the whole split, time each batch size; runs in its own process.
+
+    Raises Unsupported when the runtime cannot load or run the file."""
     pixels = np.load(variant.pixels_file or settings.pixels_file)  # loaded before the baseline: not counted
     baseline = _rss_kib("VmRSS:")
     start = time.perf_counter()
-    run = (_pytorch_runner if variant.kind == "pytorch" else _onnx_runner)(variant, settings.threads)
+    run, runtime_settings = _load(variant, settings.threads)
     load_seconds = time.perf_counter() - start
-    logits = np.concatenate([run(pixels[i:i + settings.eval_batch])
-                             for i in range(0, len(pixels), settings.eval_batch)])
+    logits = _predict(run, variant, pixels, settings.eval_batch)
     latency = {str(b): _latency(run, pixels, b, settings.latency_seconds) for b in settings.batch_sizes}
     return {"logits": logits, "load_seconds": load_seconds, "latency": latency,
-            "peak_memory_mb": max(_rss_kib("VmHWM:") - baseline, 0) / 1024}
+            "peak_memory_mb": max(_rss_kib("VmHWM:") - baseline, 0) / 1024, "runtime_settings": runtime_settings}
+
+
+def openvino_unusable() -> str | None:
+    """Why OpenVINO's CPU device cannot run here (None when it can); runs in its own process like the rows."""
+    try:
+        import openvino as ov
+    except ModuleNotFoundError as exc:
+        if exc.name == "openvino":
+            return "openvino is not installed (pip install 'edgekd[validate]')"
+        return f"openvino cannot be imported: {_gist(exc)}"
+    except ImportError as exc:  # a broken install: a shared library missing
+        return f"openvino cannot be imported: {_gist(exc)}"
+    devices = ov.Core().available_devices
+    return None if "CPU" in devices else f"OpenVINO offers no CPU device here (it offers {', '.join(devices) or 'none'})"

@@ -54,7 +54,7 @@ def markdown(validation, run_dir: Path) -> str:
            f"{validation.settings['reference']}; {validation.settings['threads']} threads; latency after warm-up.",
            "", f"Device: {d['cpu']} ({d['physical_cores']} physical / {d['logical_cores']} logical cores; "
            f"{', '.join(d['instruction_sets']) or 'no AVX-512/VNNI/AMX'}); GPU: {d['gpu']}; "
-           f"onnxruntime {d['onnxruntime']}; torch {d['torch']}.", "",
+           f"onnxruntime {d['onnxruntime']}; OpenVINO {d.get('openvino') or 'not installed'}; torch {d['torch']}.", "",
            "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     if validation.skipped:
