@@ -14,6 +14,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 RESIZE_METHOD = "bilinear"  # Pillow's bilinear resize (antialiased when shrinking), straight to S×S
+# JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale (7x faster on a 12 MP photo). It is used
+# only while the decoded image keeps at least DRAFT_MARGIN times the model's input on each side, so the
+# antialiased resize still decides the pixels. Measured with the 8-block int8 student on Intel photos
+# upscaled to 600 and 1600 px: a margin of 4 changes pixels by 0.00-0.14 on average and keeps 99.7-100% of
+# labels; drafting down to the input size itself (margin 1) flips 1-2% of them. Photos smaller than
+# 4 x input (the Intel photos: 150 px for a 64 px model) are never drafted: classify sees the training pixels.
+DRAFT_MARGIN = 4
 
 
 class ImageDecodeError(ValueError):
@@ -35,8 +42,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode a whole file (so truncation is caught here), apply EXIF orientation, return RGB."""
+def open_image(path: str | Path, draft_to: int | None = None) -> Image.Image:
+    """Decode a whole file (so truncation is caught here), apply EXIF orientation, return RGB.
+
+    With `draft_to`, a JPEG may be decoded at a reduced scale that keeps both sides >= draft_to.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageDecodeError("no such file" if not path.exists() else "not a file")
@@ -45,6 +55,8 @@ def open_image(path: str | Path) -> Image.Image:
             # Pillow only warns between its pixel limit and twice it; refuse such images too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if draft_to:
+                    image.draft("RGB", (draft_to, draft_to))  # a no-op for other formats and small JPEGs
                 image.load()
                 return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -63,8 +75,9 @@ def resize_rgb(image: Image.Image, size: int) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
 
 
-def load_rgb(path: str | Path, size: int) -> np.ndarray:
-    return resize_rgb(open_image(path), size)
+def load_rgb(path: str | Path, size: int, draft: bool = False) -> np.ndarray:
+    """A file as a (size, size, 3) uint8 array; `draft` allows JPEG draft decoding (see DRAFT_MARGIN)."""
+    return resize_rgb(open_image(path, size * DRAFT_MARGIN if draft else None), size)
 
 
 def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
