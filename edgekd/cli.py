@@ -339,10 +339,17 @@ def classify(photos, model_path, top_k, as_json, provider, threads, batch_size, 
 
     Exit code 1 when any file could not be classified; the others are still answered.
     """
+    import os
+
+    if "numpy" not in sys.modules:
+        # numpy's OpenBLAS starts a thread per core when imported (30 ms of a cold start on 2 cores) and
+        # classify does no linear algebra. Only before numpy's import, and only if the user has not chosen.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from edgekd.classify import ExportedModel, expand_inputs, newest_export
-    from edgekd.runs import artifacts_root
 
     if model_path is None:
+        from edgekd.runs import artifacts_root  # only here: it imports more than a device needs
+
         model_path = newest_export(artifacts_root(artifacts), provider)
         click.echo(f"using the newest export: {model_path}", err=True)
     model = ExportedModel(Path(model_path), provider, threads)

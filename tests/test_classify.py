@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from edgekd.classify import ExportedModel, Failure, expand_inputs
 from edgekd.cli import cli
 from edgekd.export import ExportPlan, export_checkpoint
-from edgekd.runtime.preprocess import load_rgb
+from edgekd.runtime.preprocess import load_rgb, open_image
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,49 @@ def test_classify_runs_with_torch_unimportable(model_file, photos):
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 7
     assert "HEAVY ['torch']" in done.stderr  # only our blocker: nothing imported torch, torchvision or onnx
+
+
+def test_classify_imports_no_training_stack(model_file, photos):
+    photo = photos[0] / "rgb.jpg"
+    script = ("import json, sys\nfrom edgekd.cli import main\n"
+              f"sys.argv = ['edgekd', 'classify', '--model', {str(model_file)!r}, {str(photo)!r}]\n"
+              "try:\n    main()\nfinally:\n"
+              "    print('MODULES', json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('edgekd', 'torch', 'yaml', 'onnx'))), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    modules = json.loads(done.stderr.split("MODULES ")[-1])
+    assert set(modules) <= {"edgekd", "edgekd.cli", "edgekd.errors", "edgekd.classify", "edgekd.runtime",
+                            "edgekd.runtime.model_info", "edgekd.runtime.preprocess", "edgekd.runtime.session"}
+
+
+def test_threaded_folder_decoding_gives_the_answers_of_one_by_one_decoding(model_file, photos):
+    folder, bad = photos
+    files = expand_inputs([str(bad), str(folder)])  # bad files first, so batches mix failures and photos
+    model = ExportedModel(model_file)
+    threaded = list(model.classify(files, top_k=3, batch_size=3, decode_threads=4))
+    alone = [next(model.classify([path], top_k=3)) for path in files]  # one file: decoded in this thread
+    assert [r.file for r in threaded] == [str(p) for p in files]
+    assert sum(isinstance(r, Failure) for r in threaded) == 4
+    for got, want in zip(threaded, alone):
+        assert type(got) is type(want)
+        if isinstance(got, Failure):
+            assert got.error == want.error
+        else:
+            assert got.label == want.label and [k for k, _ in got.top_k] == [k for k, _ in want.top_k]
+            assert got.probability == pytest.approx(want.probability, abs=1e-5)
+
+
+def test_large_jpegs_are_drafted_only_with_room_to_spare(tmp_path):
+    smooth = Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    smooth.resize((400, 300), Image.BICUBIC).save(tmp_path / "large.jpg", quality=95)
+    smooth.resize((120, 90), Image.BICUBIC).save(tmp_path / "small.jpg", quality=95)
+    assert open_image(tmp_path / "large.jpg", draft_to=64).size == (100, 75)  # 1/4 scale keeps >= 64 px
+    drafted, full = load_rgb(tmp_path / "large.jpg", 16, draft=True), load_rgb(tmp_path / "large.jpg", 16)
+    assert np.abs(drafted.astype(int) - full.astype(int)).mean() < 1.5
+    # 120x90 is under 4x the 16 px input on one side: decoded whole, the very pixels training saw
+    np.testing.assert_array_equal(load_rgb(tmp_path / "small.jpg", 16, draft=True),
+                                  load_rgb(tmp_path / "small.jpg", 16))
 
 
 def test_without_a_model_the_newest_export_suits_the_provider(distilled_run, photos, monkeypatch):

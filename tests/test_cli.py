@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -68,3 +70,17 @@ def test_missing_dataset_and_missing_checkpoint_exit_non_zero(runner, tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output and "kaggle" in result.output
     result = runner.invoke(cli, ["evaluate", str(tmp_path / "nothing.pt")])
     assert result.exit_code == 1 and "checkpoint" in result.output
+
+
+def test_the_command_line_imports_no_stage_until_a_command_runs():
+    script = "import json, sys, edgekd.cli; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    loaded = set(json.loads(done.stdout))
+    assert "click" in loaded and not loaded & {"numpy", "onnxruntime", "PIL", "torch", "yaml"}
+
+
+def test_classify_help_lists_its_options(runner):
+    result = runner.invoke(cli, ["classify", "--help"])
+    assert result.exit_code == 0
+    for option in ("--model", "--top-k", "--json", "--provider", "--threads", "--batch-size"):
+        assert option in result.output
