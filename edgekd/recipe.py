@@ -118,6 +118,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # Under torchrun: synchronise BatchNorm statistics across processes (CUDA only).
     sync_batchnorm: bool = False
+    # Save the whole training state (last.pt) every this many seconds inside an epoch too, so a killed
+    # run loses at most this much work; null: only at each epoch's end.
+    checkpoint_seconds: float | None = field(default=60.0, metadata=_POSITIVE)
 
 
 @dataclass

@@ -7,8 +7,10 @@ import json
 import os
 import re
 import signal
+import socket
 import tempfile
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -113,11 +115,74 @@ def latest_run_dir(root: Path, name: str, needs: str | None = None) -> Path | No
 
 
 def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json ({} when missing or unreadable), its status settled on the way.
+
+    A run whose process died without a word (SIGKILL, power loss, OOM killer) still says `running`; when
+    that process is known to be gone, the summary is rewritten as `interrupted` so every command that
+    looks at the run afterwards (resume, report, sweep, the newest-run lookup) sees the truth.
+    """
     path = run_dir / "summary.json"
     try:
-        return json.loads(path.read_text())
+        summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    if summary.get("status") == "running" and owner_alive(summary) is False:
+        summary = _settle_as_interrupted(path, summary)
+    return summary
+
+
+def _settle_as_interrupted(path: Path, summary: dict) -> dict:
+    owner = summary.get("process") or {}
+    summary = {**summary, "status": "interrupted",
+               "error": f"its process (pid {owner.get('pid')} on {owner.get('host')}) ended without finishing",
+               "interrupted_noticed": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        atomic_write_json(path, summary)
+    except OSError:  # a read-only run folder: report the truth without recording it
+        pass
+    return summary
+
+
+# ----- who runs a run -----------------------------------------------------------------------------------
+
+def process_identity() -> dict:
+    """What identifies this process later, even after its pid is reused: pid, host, start time."""
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "start_ticks": _start_ticks(pid)}
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A live process's start time in clock ticks after boot (Linux); None when there is no such process
+    or it is a zombie (dead, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the name before ')' may hold spaces
+    return None if fields[0] in ("Z", "X") else int(fields[19])  # state is field 3, start time field 22
+
+
+def owner_alive(summary: dict) -> bool | None:
+    """Whether the process that wrote a summary still runs: True, False, or None when this machine cannot
+    tell (written on another host, or by an edgekd that did not record its process)."""
+    owner = summary.get("process")
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
+    pid = int(owner["pid"])
+    if not Path("/proc/self/stat").is_file():  # no /proc (macOS): a reused pid would pass for the owner
+        return _pid_exists(pid)
+    ticks = _start_ticks(pid)
+    return ticks is not None and owner.get("start_ticks") in (None, ticks)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def latest_run(root: Path, mode: str | None = None, needs: str = "best.pt") -> Path | None:

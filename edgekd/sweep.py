@@ -3,7 +3,7 @@
 A sweep file (YAML, validated like a recipe) names the member recipes. Every member becomes one run
 folder under `<artifacts>/<sweep name>/`, beside a `sweep.json` state file rewritten atomically after each
 member. Running the sweep again skips members whose run finished, resumes an interrupted one from its
-last.pt, and refuses a finished run whose recipe differs from what the sweep would run now (the tables
+newest saved state (mid-epoch included; one killed before its first save restarts in its folder), and refuses a finished run whose recipe differs from what the sweep would run now (the tables
 would mix settings).
 
 Members, in the order they run:
@@ -185,9 +185,8 @@ def member_state(member: Member, sweep_dir: Path) -> MemberState:
     if newest and summary.get("status") in DONE:
         _check_same_recipe(member, newest)
         return MemberState("skip", newest, summary)
-    resumable = latest_run_dir(sweep_dir, member.name, needs="last.pt")
-    if resumable:
-        return MemberState("resume", resumable, read_summary(resumable))
+    if newest:  # resumed from its newest saved state, or restarted in the same folder if it saved none
+        return MemberState("resume", newest, summary)
     return MemberState("run", None, {})
 
 

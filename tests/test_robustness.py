@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -66,6 +67,91 @@ def test_sigkill_mid_epoch_loses_no_finished_epoch(tmp_path, image_dataset):
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     assert not list(run_dir.glob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+def _finish(recipe: Path, tmp_path: Path, *extra: str) -> str:
+    process = _start(recipe, tmp_path, *extra)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return err
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Same weights bit for bit and the same metrics but for timing."""
+    for name in ("last.pt", "best.pt"):
+        wa, wb = _weights(a / name), _weights(b / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    timing = {"seconds", "train_seconds", "images_per_s"}
+    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]  # noqa: E731
+    assert strip(MetricsLog(a / "metrics.jsonl").read()) == strip(MetricsLog(b / "metrics.jsonl").read())
+
+
+def _mid_epoch_saved(last: Path) -> bool:
+    try:
+        progress = torch.load(last, weights_only=True)["train_state"]["epoch_progress"]
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return False
+    return bool(progress) and progress["next_batch"] > 0
+
+
+def test_sigkill_after_a_mid_epoch_save_resumes_to_the_uninterrupted_weights(tmp_path, image_dataset):
+    from edgekd.runs import read_summary
+
+    recipe = _slow_recipe(tmp_path, image_dataset, epochs=3)
+    saving = ("--set", "train.checkpoint_seconds=0.05")
+    _finish(recipe, tmp_path / "whole", *saving)
+    run_dir = tmp_path / "artifacts" / "slow"
+    process = _start(recipe, tmp_path, *saving)
+    deadline = time.time() + 120
+    while not _mid_epoch_saved(run_dir / "last.pt"):
+        assert process.poll() is None and time.time() < deadline, "no mid-epoch save seen"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # it died without a word
+    assert read_summary(run_dir)["status"] == "interrupted"  # the next look settles it...
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"  # ...on disk
+    err = _finish(recipe, tmp_path, "--resume", *saving)
+    assert "resuming" in err and ", batch " in err
+    _same_run(tmp_path / "whole" / "artifacts" / "slow", run_dir)
+
+
+def test_sigkill_before_the_first_save_restarts_the_same_folder(tmp_path, image_dataset):
+    recipe = _slow_recipe(tmp_path, image_dataset, epochs=2)
+    _finish(recipe, tmp_path / "whole")
+    run_dir = tmp_path / "artifacts" / "slow"
+    process = _start(recipe, tmp_path)
+    deadline = time.time() + 120
+    while not (run_dir / "summary.json").is_file():  # the folder is claimed; the first epoch is under way
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "last.pt").exists()
+    err = _finish(recipe, tmp_path, "--resume")
+    assert "restarting it from the beginning in the same folder" in err
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["slow"]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    _same_run(tmp_path / "whole" / "artifacts" / "slow", run_dir)
+
+
+def test_a_dead_runs_summary_is_settled_as_interrupted_and_a_live_ones_is_not(tmp_path):
+    from edgekd.runs import process_identity, read_summary
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cases = {"dead": {**process_identity(), "pid": int(dead.stdout)},
+             "reused": {**process_identity(), "start_ticks": 1},  # this pid, but not the process that wrote it
+             "live": process_identity(),
+             "elsewhere": {**process_identity(), "host": "another-machine"}}  # cannot tell: left as it is
+    for name, owner in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": "running", "process": owner}))
+    statuses = {name: read_summary(tmp_path / name)["status"] for name in cases}
+    assert statuses == {"dead": "interrupted", "reused": "interrupted", "live": "running", "elsewhere": "running"}
 
 
 def test_ctrl_c_leaves_a_resumable_run_and_says_how(tmp_path, image_dataset):

@@ -90,6 +90,50 @@ def test_an_interrupted_member_is_resumed_not_restarted(tmp_path, image_dataset)
     assert json.loads((sweep_dir / "sweep.json").read_text())["members"]["s"]["status"] == "finished"
 
 
+def test_a_killed_sweep_resumes_its_member_from_the_mid_epoch_state(tmp_path, image_dataset):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    path = write_sweep(tmp_path, image_dataset, baselines="none")
+    sets = ["--set", "train.epochs=2", "--set", "train.checkpoint_seconds=0.01", "--no-export"]
+
+    def sweep(artifacts):
+        return subprocess.Popen([sys.executable, "-m", "edgekd", "-q", "sweep", str(path), "--artifacts",
+                                 str(artifacts), *sets], env={**os.environ, "EDGEKD_CACHE": str(tmp_path / "cache")},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def mid_epoch(last):
+        try:
+            progress = torch.load(last, weights_only=True)["train_state"]["epoch_progress"]
+        except (OSError, RuntimeError, EOFError, KeyError):
+            return False
+        return bool(progress) and progress["next_batch"] > 0
+
+    assert sweep(tmp_path / "whole").wait(timeout=300) == 0
+    killed = sweep(tmp_path / "cut")
+    last = tmp_path / "cut" / "tiny" / "s" / "last.pt"
+    deadline = time.time() + 120
+    while not mid_epoch(last):
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    rerun = sweep(tmp_path / "cut")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "resuming" in out + err and ", batch " in out + err
+    state = json.loads((tmp_path / "cut" / "tiny" / "sweep.json").read_text())
+    assert state["members"]["s"]["status"] == "finished" and not (tmp_path / "cut" / "tiny" / "s-2").exists()
+    a = torch.load(tmp_path / "whole" / "tiny" / "s" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_finished_run_made_with_other_settings_is_refused(tmp_path, image_dataset):
     path = write_sweep(tmp_path, image_dataset, baselines="none", students=[])
     artifacts = tmp_path / "artifacts"

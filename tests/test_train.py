@@ -166,11 +166,69 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, tea
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
-def test_resume_without_a_run_says_so(tmp_path, teacher_recipe):
-    from edgekd.errors import EdgekdError
+class StopAtBatch(Callbacks):
+    """Simulates a crash in the middle of an epoch, after some mid-epoch saves."""
 
-    with pytest.raises(EdgekdError, match="nothing to resume"):
-        run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts", resume=True)
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch, self.current, self.seen = epoch, batch, 0, 0
+
+    def on_epoch_start(self, epoch, epochs, batches):
+        self.current, self.seen = epoch, 0
+
+    def on_batch(self, images, loss):
+        self.seen += 1
+        if (self.current, self.seen) == (self.epoch, self.batch):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("train", PLUS),
+    ("distill", [*PLUS, "distill.method=dkd", "distill.warmup_epochs=1"]),
+    ("distill", ["augment.crop=resized", "augment.flip=true", "augment.color_jitter=0.2", "augment.render_size=24",
+                 "distill.teacher_views=2", "train.scheduler=cosine", "train.ema_decay=0.9"]),
+], ids=["train-plus", "distill-plus", "distill-teacher-views"])
+def test_a_run_stopped_mid_epoch_resumes_from_that_batch_bit_for_bit(tmp_path, teacher_recipe, student_recipe,
+                                                                    mode, extra):
+    recipe_path = teacher_recipe if mode == "train" else student_recipe
+    overrides = ["train.epochs=3", "train.checkpoint_seconds=1e-6", *extra]  # a save after every batch
+    if mode == "distill":
+        run(load_recipe(teacher_recipe), "train", tmp_path / "whole")
+        run(load_recipe(teacher_recipe), "train", tmp_path / "cut")
+    whole = run(load_recipe(recipe_path, overrides), mode, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):  # batch 3 of epoch 2 raises: last.pt holds epoch 2, batch 2
+        run(load_recipe(recipe_path, overrides), mode, tmp_path / "cut", callbacks=StopAtBatch(2, 3))
+    cut_dir = tmp_path / "cut" / whole["run"]
+    state = torch.load(cut_dir / "last.pt", weights_only=True)["train_state"]
+    assert state["epoch_progress"]["epoch"] == 2 and state["epoch_progress"]["next_batch"] == 2
+    resumed = run(load_recipe(recipe_path, overrides), mode, tmp_path / "cut", resume=True)
+    assert resumed["epochs_done"] == 3
+    whole_records = MetricsLog(tmp_path / "whole" / whole["run"] / "metrics.jsonl").read()
+    assert _strip_timing(MetricsLog(cut_dir / "metrics.jsonl").read()) == _strip_timing(whole_records)
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(tmp_path / "whole" / whole["run"] / name, weights_only=True)["state_dict"]
+        b = torch.load(cut_dir / name, weights_only=True)["state_dict"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_a_live_run_is_not_resumed_by_another_process(tmp_path, teacher_recipe):
+    from edgekd.errors import EdgekdError
+    from edgekd.runs import process_identity
+
+    first = run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "artifacts")
+    path = tmp_path / "artifacts" / first["run"] / "summary.json"
+    # as if this very process were still training it
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "running", "process": process_identity()}))
+    with pytest.raises(EdgekdError, match="still being trained"):
+        run(load_recipe(teacher_recipe, ["train.epochs=2"]), "train", tmp_path / "artifacts", resume=True)
+
+
+def test_resume_without_a_run_says_so_and_starts_one(tmp_path, teacher_recipe, caplog):
+    # `--resume` in a restart loop on a preemptible machine must also work when the first attempt died
+    # before its run folder existed
+    summary = run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "artifacts", resume=True)
+    assert "nothing to resume" in caplog.text and "starting a new run" in caplog.text
+    assert summary["status"] == "finished" and summary["run"] == "tiny_teacher"
 
 
 def test_frozen_backbone_only_changes_the_head(tmp_path, image_dataset):

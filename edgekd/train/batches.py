@@ -32,8 +32,9 @@ class Batch(NamedTuple):
 
 
 def iter_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                 drop_last: bool = False, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
-    """Batches of a split, shuffled by (seed, epoch) when asked.
+                 drop_last: bool = False, shard: tuple[int, int] = (0, 1), start: int = 0) -> Iterator[Batch]:
+    """Batches of a split, shuffled by (seed, epoch) when asked, from batch number `start` on (a run
+    resumed mid-epoch continues there: the order is the same, the batches before are never read).
 
     With drop_last, a final partial batch is dropped (BatchNorm cannot train on a single sample), unless
     the split is smaller than one batch. With shard=(rank, world), this process gets every world-th
@@ -42,7 +43,7 @@ def iter_batches(split: Split, batch_size: int, *, shuffle: bool = False, seed: 
     rank, world = shard
     n = len(split)
     order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
-    for b in range(batch_count(n, batch_size, drop_last)):
+    for b in range(start, batch_count(n, batch_size, drop_last)):
         rows = split.rows_at(order[b * batch_size:(b + 1) * batch_size][rank::world])
         x = torch.from_numpy(np.ascontiguousarray(split.images[rows])).permute(0, 3, 1, 2)
         labels = torch.from_numpy(split.labels[rows]) if split.labels is not None else None

@@ -2,7 +2,8 @@
 
 Each finished epoch appends a line to metrics.jsonl, then writes best.pt (when validation accuracy
 improved) and last.pt, each atomically. last.pt carries the optimizer, scheduler, RNG and early-stopping
-state, so `--resume` continues with the next epoch exactly as an uninterrupted run would have.
+state, and is also written inside an epoch every train.checkpoint_seconds with the position in the epoch's
+batch order, so `--resume` continues from the newest saved state exactly as an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edgekd.models.pretrained import read_state
 from edgekd.models.summary import count_parameters
 from edgekd.recipe import Recipe, dump_recipe
 from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
-                         new_run_dir, remove_stale_temporaries)
+                         new_run_dir, owner_alive, process_identity, read_summary, remove_stale_temporaries)
 from edgekd.train import distributed
 from edgekd.train.augment import batch_generator, draw_views, render_views, resize_for
 from edgekd.train.batches import Batch, batch_count, iter_batches
@@ -93,6 +94,26 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.bad_epochs >= self.patience
+
+
+@dataclass
+class EpochProgress:
+    """How far the loop is inside an epoch; saved mid-epoch so a resumed run continues at the next batch
+    with the epoch's running sums, and its metrics line equals an uninterrupted run's."""
+    epoch: int
+    next_batch: int = 0
+    total_loss: float = 0.0
+    correct: int = 0
+    labelled: int = 0
+    seen: int = 0
+    train_seconds: float = 0.0
+
+    def add(self, index: int, loss: float, images: int, correct: int, labelled: int) -> None:
+        self.next_batch = index + 1
+        self.total_loss += loss * images
+        self.correct += correct
+        self.labelled += labelled
+        self.seen += images
 
 
 def parameter_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
@@ -174,6 +195,12 @@ class Trainer:
         self.ema: WeightAverage | None = None
         self.policy: PrecisionPolicy = make_policy(recipe.precision, device)
         self.precision = self.policy.describe()
+        self.resume_point: EpochProgress | None = None  # where a mid-epoch last.pt left off
+        self.last_save = time.monotonic()
+        self.save_seconds = 0.0  # how long the last save took, and the last validation: to save in time
+        self.validate_seconds = 0.0
+        self.saved: dict | None = None  # what last.pt holds now (epoch, batch, when)
+        self.checkpointing = {"mid_epoch_saves": 0, "seconds": 0.0}  # their cost, in this process
 
     # ----- set-up -------------------------------------------------------------------------------------
 
@@ -219,6 +246,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.stopper = EarlyStopping(self.recipe.train.patience, **state["early_stopping"])
         self.epoch = last["epoch"]
+        progress = state.get("epoch_progress")
+        self.resume_point = EpochProgress(**progress) if progress else None
         self.started = state.get("started", self.started)
         self.history = self.metrics.truncate_to_epoch(self.epoch)
 
@@ -232,6 +261,7 @@ class Trainer:
     def fit(self) -> dict:
         epochs = self.recipe.train.epochs
         self._write_summary("running")
+        self.last_save = time.monotonic()
         try:
             while self.epoch < epochs and not self.stopper.should_stop:
                 record = self._run_epoch(self.epoch + 1)
@@ -251,33 +281,67 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> dict:
         cfg = self.recipe.train
-        train = self.train_split
-        batches = batch_count(len(train), cfg.batch_size, drop_last=True)
+        progress = self._take_resume_point(epoch)
+        batches = batch_count(len(self.train_split), cfg.batch_size, drop_last=True)
         self.callbacks.on_epoch_start(epoch, cfg.epochs, batches)
         set_train_mode(self.train_model, self.frozen)
-        start = time.perf_counter()
-        total_loss, correct, labelled, seen = 0.0, 0, 0, 0
-        for index, batch in enumerate(iter_batches(train, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                                   drop_last=True, shard=(self.dist.rank, self.dist.world))):
+        start, earlier_seconds = time.perf_counter(), progress.train_seconds
+        first = progress.next_batch
+        for index, batch in enumerate(iter_batches(self.train_split, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                                   epoch=epoch, drop_last=True, start=first,
+                                                   shard=(self.dist.rank, self.dist.world)), start=first):
+            step_start = time.perf_counter()
             loss, batch_correct, batch_labelled = self._step(batch, epoch, index)
-            total_loss += loss * len(batch.rows)
-            correct += batch_correct
-            labelled += batch_labelled
-            seen += len(batch.rows)
+            progress.add(index, loss, len(batch.rows), batch_correct, batch_labelled)
             self.callbacks.on_batch(len(batch.rows), loss)
-        train_seconds = time.perf_counter() - start
-        total_loss, correct, labelled, seen = self.dist.sum(total_loss, correct, labelled, seen)
+            # the last batch counts the validation still to come: the epoch's own save follows it
+            ahead = time.perf_counter() - step_start + (self.validate_seconds if index + 1 == batches else 0.0)
+            if self._save_due(ahead):
+                progress.train_seconds = earlier_seconds + time.perf_counter() - start
+                self._save_mid_epoch(progress)
+        train_seconds = earlier_seconds + time.perf_counter() - start
+        total_loss, correct, labelled, seen = self.dist.sum(progress.total_loss, progress.correct,
+                                                            progress.labelled, progress.seen)
         distributed.sync_buffers(self.model, self.dist)
         if self.scheduler is not None and not self.per_batch_schedule:
             self.scheduler.step()
+        validate_start = time.perf_counter()
         val = self.dist.broadcast(self._validate() if self.dist.main else None)
+        self.validate_seconds = time.perf_counter() - validate_start
         # train_acc: on the (augmented) training batches as the weights moved during the epoch.
         return {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / max(labelled, 1),
                 "val_loss": val.loss, "val_acc": val.accuracy,
-                "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start,
+                "lr": self.optimizer.param_groups[-1]["lr"], "seconds": earlier_seconds + time.perf_counter() - start,
                 "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
                 "precision": self.precision["mode"], "precision_native": self.precision["native"],
                 "device": self.device.type}
+
+    def _take_resume_point(self, epoch: int) -> EpochProgress:
+        point, self.resume_point = self.resume_point, None
+        return point if point is not None and point.epoch == epoch else EpochProgress(epoch)
+
+    def _save_due(self, seconds_ahead: float) -> bool:
+        """Whether to save now: early enough that the work ahead (the next step, or the validation) and the
+        save itself still end within train.checkpoint_seconds of the last save, so a kill at any moment
+        loses less than that."""
+        interval = self.recipe.train.checkpoint_seconds
+        if interval is None or not self.dist.main:  # rank 0's state is the run's (DDP keeps ranks equal)
+            return False
+        return time.monotonic() - self.last_save + seconds_ahead + self.save_seconds >= interval
+
+    def _save_mid_epoch(self, progress: EpochProgress) -> None:
+        started = time.monotonic()
+        with interrupts_deferred():
+            save_checkpoint(self.run_dir / "last.pt", self._payload(with_train_state=True, progress=progress))
+            self._record_save(progress.epoch, progress.next_batch, started)
+            self.checkpointing["mid_epoch_saves"] += 1
+            self.checkpointing["seconds"] += self.save_seconds
+            self._write_summary("running")
+
+    def _record_save(self, epoch: int, batch: int | None, started: float) -> None:
+        self.last_save = time.monotonic()
+        self.save_seconds = self.last_save - started
+        self.saved = {"epoch": epoch, "next_batch": batch, "at": _now()}
 
     def _validate(self):
         with self.policy.autocast():  # validation measures the model as it trains: same precision
@@ -341,20 +405,25 @@ class Trainer:
         self.history.append(record)
         if not self.dist.main:
             return
+        started = time.monotonic()
         with interrupts_deferred():  # Ctrl-C while saving: finish the epoch's files, then stop
             self.metrics.append(record)
             if improved:
                 save_checkpoint(self.run_dir / "best.pt", self._payload(with_train_state=False))
             save_checkpoint(self.run_dir / "last.pt", self._payload(with_train_state=True))
+            self._record_save(self.epoch, None, started)
             self._write_summary("running")
         self.callbacks.on_epoch_end(record)
 
     # ----- what lands on disk -------------------------------------------------------------------------
 
-    def _payload(self, with_train_state: bool) -> dict:
+    def _payload(self, with_train_state: bool, progress: EpochProgress | None = None) -> dict:
+        """A checkpoint: the model alone (best.pt), or with the whole training state (last.pt); `epoch` counts
+        finished epochs, and a mid-epoch last.pt says in train_state.epoch_progress how far the next one got."""
         payload = {**self.meta, "state_dict": self.eval_model.state_dict(), "recipe": self.recipe.to_dict(),
                    "mode": self.mode, "role": "student" if self.mode == "distill" else "teacher",
-                   "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"], "precision": self.precision,
+                   "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"] if self.history else None,
+                   "precision": self.precision,
                    "run": self.run_dir.name, "teacher": self._teacher_info(), "saved": _now()}
         if self.policy.fake_quant == "fp8":
             payload["fp8_weight_scales"] = fp8_scales(self.eval_model)
@@ -369,6 +438,7 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "early_stopping": {k: v for k, v in dataclasses.asdict(self.stopper).items() if k != "patience"},
+                "epoch_progress": dataclasses.asdict(progress) if progress is not None else None,
                 "started": self.started}
         return payload
 
@@ -409,7 +479,7 @@ class Trainer:
             "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
                                   if self.history else None),
             "distributed": {**self.dist.describe(), "ranks_identical": getattr(self, "ranks_identical", None)},
-            "started": self.started, "updated": _now()}
+            "last_saved": self.saved, "checkpointing": self.checkpointing, "process": process_identity(), "started": self.started, "updated": _now()}
         if self.dist.main:
             atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -445,20 +515,49 @@ def _render_split(recipe: Recipe, dataset: Dataset) -> Split:
     return Split("train", rendered.splits["train"].images, train.labels, train.rows)
 
 
-def _run_dir_for(recipe: Recipe, artifacts: Path, resume: bool) -> tuple[Path, dict | None]:
-    if not resume:
-        return new_run_dir(artifacts, recipe.name), None
-    run_dir = latest_run_dir(artifacts, recipe.name, needs="last.pt")
+def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tuple[Path, dict | None]:
+    """The run folder and, when resuming, the last.pt to continue from (None: start from the beginning)."""
+    run_dir = latest_run_dir(artifacts, recipe.name) if resume else None
+    if resume and run_dir is None:
+        log.warning("nothing to resume: no run of %r under %s/; starting a new run", recipe.name, artifacts)
     if run_dir is None:
-        raise EdgekdError(f"nothing to resume: no run of {recipe.name!r} with a last.pt under {artifacts}/",
-                          hint="drop --resume to start a new run")
+        run_dir = new_run_dir(artifacts, recipe.name)
+        _claim(run_dir, recipe, mode)
+        return run_dir, None
+    summary = read_summary(run_dir)  # a run whose process died is settled as interrupted here
+    if summary.get("status") == "running" and owner_alive(summary):
+        owner = summary["process"]
+        raise EdgekdError(f"{run_dir} is still being trained (pid {owner['pid']} on {owner['host']})",
+                          hint="wait for it to finish, or stop that process before resuming")
     for stale in remove_stale_temporaries(run_dir):  # a SIGKILL during a save leaves its temporary behind
         log.info("removed %s, left by a save the last process did not finish", stale.name)
+    if not (run_dir / "last.pt").is_file():
+        log.warning("%s was stopped before its first save: restarting it from the beginning in the same folder",
+                    run_dir)
+        for leftover in ("metrics.jsonl", "best.pt"):
+            (run_dir / leftover).unlink(missing_ok=True)
+        _claim(run_dir, recipe, mode)
+        return run_dir, None
     last = read_checkpoint(run_dir / "last.pt")
     if "train_state" not in last:
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no training state to resume from")
     _warn_recipe_changes(last["recipe"], recipe)
+    _claim(run_dir, recipe, mode, summary)
+    progress = last["train_state"].get("epoch_progress")
+    where = (f"epoch {progress['epoch']}, batch {progress['next_batch']}" if progress
+             else f"the end of epoch {last['epoch']}")
+    log.warning("resuming %s from %s (saved %s)", run_dir, where, last.get("saved", "?"))
     return run_dir, last
+
+
+def _claim(run_dir: Path, recipe: Recipe, mode: str, summary: dict | None = None) -> None:
+    """Mark the folder as this process's before any long work (decoding, the teacher's views), so no other
+    `--resume` takes it over and a kill from here on is recognised as one."""
+    now = _now()
+    summary = {"run": run_dir.name, "recipe": recipe.name, "mode": mode, "epochs_done": 0,
+               "epochs_planned": recipe.train.epochs, "started": now, **(summary or {}),
+               "status": "running", "error": None, "process": process_identity(), "updated": now}
+    atomic_write_json(run_dir / "summary.json", summary)
 
 
 def _warn_recipe_changes(stored: dict, recipe: Recipe) -> None:
@@ -511,10 +610,32 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
     with dist.node_main_first():  # one process per node decodes; the others then read its cache
         dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
     teacher = load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
-    run_dir, last = _run_dir_for(recipe, artifacts, resume) if dist.main else (None, None)
+    run_dir, last = _run_dir_for(recipe, mode, artifacts, resume) if dist.main else (None, None)
     run_dir, resumed = dist.broadcast((run_dir, last is not None))  # rank 0 picks the folder
     if resumed and last is None:
         last = read_checkpoint(run_dir / "last.pt")
+    try:
+        return _prepare_and_fit(recipe, mode, callbacks, dist, device, dataset, teacher, run_dir, last)
+    except BaseException as exc:
+        if dist.main:
+            _record_setup_failure(run_dir, exc)
+        raise
+
+
+def _record_setup_failure(run_dir: Path, exc: BaseException) -> None:
+    """A run stopped before its loop began says so in its summary (the loop records its own ends)."""
+    summary = read_summary(run_dir)
+    if summary.get("status") != "running":
+        return
+    stopped = isinstance(exc, KeyboardInterrupt)
+    atomic_write_json(run_dir / "summary.json", {
+        **summary, "status": "interrupted" if stopped else "failed", "updated": _now(),
+        "error": None if stopped else f"{exc.__class__.__name__}: {exc}"})
+
+
+def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: distributed.Distributed,
+                     device: torch.device, dataset: Dataset, teacher: Teacher | None, run_dir: Path,
+                     last: dict | None) -> dict:
     if mode == "train" and dataset.splits["train"].unlabeled_count:
         log.info("training without a teacher: the %d unlabeled photos are left out (only distillation learns "
                  "from them)", dataset.splits["train"].unlabeled_count)
@@ -540,6 +661,7 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
         "torch_threads": torch.get_num_threads(), "dataset": dataset.describe(),
         "model": f"{recipe.model.name}({', '.join(f'{k}={v}' for k, v in recipe.model.args.items())})",
         "parameters": count_parameters(trainer.model), "resumed_from_epoch": trainer.epoch if last else None,
+        "resumed_at_batch": trainer.resume_point.next_batch if trainer.resume_point else None,
         "teacher": teacher[1]["path"] if teacher else None, "distributed": dist.describe(),
         "skipped_images": sum(len(v) for v in dataset.skipped.values()),
         "unlabeled_images": dataset.splits["train"].unlabeled_count})
