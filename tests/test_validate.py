@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 
@@ -16,6 +17,7 @@ from edgekd.train.checkpoint import load_model
 from edgekd.validate import ValidationPlan, validate_run
 
 FAST = ["--latency-seconds", "0.05", "--batch", "1,4"]
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 
 
 @pytest.fixture
@@ -105,3 +107,72 @@ def test_a_teacher_at_another_resolution_is_measured_on_its_own_size_of_the_same
     expected = open_dataset(load_recipe(teacher).data, splits=("val",)).splits["val"]
     np.testing.assert_array_equal(np.load(teacher_row.pixels_file), expected.take(np.arange(len(expected)))[0])
     assert variants[0].pixels_file is None  # the student keeps the shared 16 px images
+
+
+def _fake_openvino(folder, body: str) -> None:
+    """An `openvino` package that shadows the real one; spawned children inherit sys.path, so it reaches them."""
+    (folder / "openvino").mkdir(parents=True)
+    (folder / "openvino" / "__init__.py").write_text(body)
+
+
+@needs_openvino
+def test_openvino_rows_agree_with_onnxruntime_on_the_same_file(run_with_exports):
+    result = validate_run(ValidationPlan(run_with_exports, providers=["cpu", "openvino"], batch_sizes=[1, 4],
+                                         latency_seconds=0.05))
+    rows = {r["variant"]: r for r in result.rows}
+    assert list(rows)[2:] == ["fp32 · cpu", "fp32 · openvino cpu", "int8 · cpu", "int8 · openvino cpu"]
+    assert result.skipped == [] and result.failures == {}
+    for precision in ("fp32", "int8"):
+        openvino, onnxruntime = rows[f"{precision} · openvino cpu"], rows[f"{precision} · cpu"]
+        assert openvino["runtime"] == "OpenVINO" and openvino["gated"] and openvino["file"] == onnxruntime["file"]
+        assert abs(openvino["accuracy"] - onnxruntime["accuracy"]) * 100 <= result.gate["max_drop_pts"][precision]
+        assert openvino["runtime_settings"] == {"threads": result.settings["threads"], "inference_precision": "f32"}
+        for batch in ("1", "4"):  # the dynamic batch dimension runs at every timed size
+            assert 0 < openvino["latency"][batch]["p50_ms"] <= openvino["latency"][batch]["p99_ms"]
+        assert openvino["load_seconds"] > 0 and openvino["peak_memory_mb"] >= 0
+    assert rows["fp32 · openvino cpu"]["agreement"] == 1.0 and rows["fp32 · openvino cpu"]["max_abs_dprob"] < 1e-4
+    assert result.device["openvino"]
+
+
+@needs_openvino
+def test_a_file_openvino_cannot_load_is_a_skipped_row_and_the_run_goes_on(run_with_exports):
+    path = run_with_exports / "exports" / "tiny_student.fp32.onnx"
+    model = onnx.load(path)  # logits through ai.onnx.ml.Scaler (identity): onnxruntime runs it, OpenVINO cannot
+    logits = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_raw" if o == logits else o for o in node.output]
+    model.graph.node.append(onnx.helper.make_node("Scaler", [f"{logits}_raw"], [logits], domain="ai.onnx.ml",
+                                                  offset=[0.0], scale=[1.0]))
+    model.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 3))
+    onnx.save(model, path)
+    result = validate_run(ValidationPlan(run_with_exports, providers=["openvino"], batch_sizes=[1],
+                                         latency_seconds=0.05))
+    assert [r["variant"] for r in result.rows][2:] == ["int8 · openvino cpu"]
+    assert [s["variant"] for s in result.skipped] == ["fp32 · openvino cpu"]
+    assert result.skipped[0]["file"] == path.name
+    assert "OpenVINO cannot load it" in result.skipped[0]["reason"] and "Scaler" in result.skipped[0]["reason"]
+    assert result.failures == {}
+
+
+def test_openvino_rows_say_skipped_and_why_when_it_cannot_be_imported(run_with_exports, tmp_path, monkeypatch):
+    from edgekd.validate import _onnx_variants
+
+    _fake_openvino(tmp_path / "fake", "raise ModuleNotFoundError(\"No module named 'openvino'\", name='openvino')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    variants, skipped = _onnx_variants(ValidationPlan(run_with_exports, providers=["cpu", "openvino"]))
+    assert [v.name for v in variants] == ["fp32 · cpu", "int8 · cpu"]
+    assert [s["variant"] for s in skipped] == ["fp32 · openvino cpu", "int8 · openvino cpu"]
+    assert all(s["reason"] == "openvino is not installed (pip install 'edgekd[validate]')" for s in skipped)
+
+
+def test_a_runtime_that_kills_its_process_on_a_file_gives_a_skipped_row(run_with_exports, tmp_path, monkeypatch):
+    from edgekd.validate import Settings, Variant, _measure_or_skip
+
+    _fake_openvino(tmp_path / "fake", "import os\n\nclass Core:\n    def read_model(self, path):\n"
+                                      "        os._exit(134)  # as a native abort would\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    np.save(tmp_path / "pixels.npy", np.zeros((2, 16, 16, 3), np.uint8))
+    path = run_with_exports / "exports" / "tiny_student.fp32.onnx"
+    variant = Variant("fp32 · openvino cpu", "onnx", str(path), "fp32", "openvino", path.stat().st_size)
+    assert _measure_or_skip(variant, Settings(str(tmp_path / "pixels.npy"), [1], 1, 0.01)) == (
+        None, "OpenVINO crashed its process loading or running it")
