@@ -149,7 +149,10 @@ def _unusable_providers(requested: list[str]) -> dict[str, str]:
     reasons = {p: f"no {p} provider in this onnxruntime build (it offers {', '.join(offered)})"
                for p in requested if p != "openvino" and p not in offered}
     if "openvino" in requested:
-        reason = in_fresh_process(openvino_unusable)  # never imported here, where torch is
+        try:
+            reason = in_fresh_process(openvino_unusable)  # never imported here, where torch is
+        except BrokenProcessPool:
+            reason = "importing openvino crashed its process"
         if reason:
             reasons["openvino"] = reason
     return reasons

@@ -179,4 +179,6 @@ def openvino_unusable() -> str | None:
     except ImportError as exc:  # a broken install: a shared library missing
         return f"openvino cannot be imported: {_gist(exc)}"
     devices = ov.Core().available_devices
-    return None if "CPU" in devices else f"OpenVINO offers no CPU device here (it offers {', '.join(devices) or 'none'})"
+    if "CPU" not in devices:
+        return f"OpenVINO offers no CPU device here (it offers {', '.join(devices) or 'none'})"
+    return None
