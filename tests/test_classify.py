@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from edgekd.classify import ExportedModel, Failure, expand_inputs
 from edgekd.cli import cli
 from edgekd.export import ExportPlan, export_checkpoint
-from edgekd.runtime.preprocess import load_rgb, open_image
+from edgekd.runtime.preprocess import ImageDecodeError, load_rgb, open_image
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,23 @@ def test_large_jpegs_are_drafted_only_with_room_to_spare(tmp_path):
     # 120x90 is under 4x the 16 px input on one side: decoded whole, the very pixels training saw
     np.testing.assert_array_equal(load_rgb(tmp_path / "small.jpg", 16, draft=True),
                                   load_rgb(tmp_path / "small.jpg", 16))
+
+
+def test_images_over_the_pixel_limit_are_refused_in_every_decoding_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    Image.new("RGB", (120, 100)).save(tmp_path / "bomb.png")  # 12,000 pixels: Pillow itself only warns
+    Image.new("RGB", (50, 50)).save(tmp_path / "fine.png")
+
+    def refused(path: Path) -> bool:
+        try:
+            open_image(path)
+        except ImageDecodeError as exc:
+            return "decompression-bomb" in str(exc)
+        return False
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(refused, [tmp_path / "bomb.png", tmp_path / "fine.png"] * 100))
+    assert outcomes == [True, False] * 100
 
 
 def test_without_a_model_the_newest_export_suits_the_provider(distilled_run, photos, monkeypatch):

@@ -6,6 +6,7 @@ uses the same functions, so a model never sees pixels prepared differently from 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)  # as warnings.simplefilter stores it
+_bomb_filter_lock = threading.Lock()
+
+
+def _refuse_decompression_bomb_warnings() -> None:
+    """Pillow only warns between its pixel limit and twice it; make that an error, so such images are refused.
+
+    Process-wide and never removed, because warnings.catch_warnings is not thread-safe: it replaces the
+    global filter list and puts the old one back on exit, so threads decoding side by side could restore
+    each other's lists and decode a bomb unguarded. Installed again if something reset the filters.
+    """
+    if _BOMB_FILTER not in warnings.filters:
+        with _bomb_filter_lock:
+            if _BOMB_FILTER not in warnings.filters:
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 def open_image(path: str | Path, draft_to: int | None = None) -> Image.Image:
     """Decode a whole file (so truncation is caught here), apply EXIF orientation, return RGB.
 
@@ -50,15 +68,13 @@ def open_image(path: str | Path, draft_to: int | None = None) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ImageDecodeError("no such file" if not path.exists() else "not a file")
+    _refuse_decompression_bomb_warnings()
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its pixel limit and twice it; refuse such images too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if draft_to:
-                    image.draft("RGB", (draft_to, draft_to))  # a no-op for other formats and small JPEGs
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+        with Image.open(path) as image:
+            if draft_to:
+                image.draft("RGB", (draft_to, draft_to))  # a no-op for other formats and small JPEGs
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"refused: larger than Pillow's decompression-bomb limit ({exc})") from exc
     except UnidentifiedImageError as exc:
