@@ -8,7 +8,7 @@ uninterrupted one (every weight of last.pt and best.pt bit for bit, every metric
 of mid-epoch saving: epoch time with saves every --checkpoint-seconds against none, side by side, and the
 seconds the saves themselves took (the runs' summaries count them).
 
-    python benchmarks/kill_resume.py                      # 8-block student, Intel sample, 3 epochs
+    python benchmarks/kill_resume.py                      # 8-block student, 480 Intel photos, 3 epochs
     python benchmarks/kill_resume.py --kills 5 --checkpoint-seconds 60 --data DEST   # DEST: assemble.sh's
 
 The default interval is scaled to the short benchmark run (a few seconds, so most kills land after
@@ -125,8 +125,9 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "intel_8block_lite0.yaml",
                         help="trained with `edgekd train` (no teacher)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "intel-sample"))
-    parser.add_argument("--set", action="append", default=["augment.render_size=null"],
-                        help="extra recipe overrides (default: views at the model's own size, for speed)")
+    parser.add_argument("--set", action="append", default=["augment.render_size=null", "data.max_per_class=80"],
+                        help="extra recipe overrides (default: views at the model's own size and 80 photos "
+                             "per class, so 20 kills and their resumes take minutes)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--checkpoint-seconds", type=float, default=2.0)

@@ -171,6 +171,9 @@ class DistillConfig:
     teacher_views: int | None = field(default=None, metadata=_POSITIVE)
     # Seeds the drawing of those views (not train.seed, so students of every seed share one fill).
     teacher_views_seed: int = 0
+    # How the teacher runs while filling those views: auto measures PyTorch (fp32; bf16 where the CPU has
+    # bf16 instructions; fp16 on CUDA) and onnxruntime on its fp32 export, and takes the fastest.
+    teacher_forward: str = field(default="auto", metadata=_choices("auto", "torch", "onnxruntime"))
 
 
 @dataclass

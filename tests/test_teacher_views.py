@@ -3,7 +3,6 @@ each at its own resolution, whether the teacher runs per batch or its views are 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -92,9 +91,8 @@ def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, tea
     model, meta = load_model(teacher)
     inputs: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
-    views = teacher_views(model, file_sha256(teacher), 3, split, "test-store", config, 32, 32, count=2, seed=5,
-                          choice_seed=0, cache_root=tmp_path / "cache", autocast=contextlib.nullcontext,
-                          batch_size=1000)
+    views = teacher_views(_plain(model), file_sha256(teacher), 3, split, "test-store", config, 32, 32, count=2,
+                          seed=5, choice_seed=0, cache_root=tmp_path / "cache", batch_size=1000)
     rows = np.sort(split.rows)
     per_view = dict(enumerate(inputs))  # one teacher call per stored view k, every photo in one chunk
     from edgekd.train.augment import render_views
@@ -112,6 +110,13 @@ def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, tea
     assert len({tuple(views.choose(rows, e)) for e in range(1, 6)}) > 1  # epochs draw different views
 
 
+def _plain(model):
+    """A choose_forward that always takes PyTorch fp32 (what these tests compare against)."""
+    from edgekd.train.teacher_forward import TeacherForward, _torch_forward
+
+    return lambda probe, earlier: TeacherForward("torch fp32 (test)", _torch_forward(model, torch.device("cpu"), None))
+
+
 def _fill_args(tmp_path, image_dataset, teacher) -> dict:
     """teacher_views' arguments for a 3-view fill of the 32 px photos, in chunks of 8 photos."""
     from edgekd.train.checkpoint import file_sha256, load_model
@@ -119,9 +124,9 @@ def _fill_args(tmp_path, image_dataset, teacher) -> dict:
     data = load_recipe(_student(tmp_path, image_dataset, teacher)).data
     split = open_dataset(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
     model, _ = load_model(teacher)
-    return dict(teacher=model, teacher_sha256=file_sha256(teacher), num_classes=3, split=split, store_id="s",
-                config=AugmentConfig(**AUGMENT), render_size=32, teacher_size=32, count=3, seed=1, choice_seed=0,
-                autocast=contextlib.nullcontext, batch_size=8)
+    return dict(choose_forward=_plain(model), teacher_sha256=file_sha256(teacher), num_classes=3, split=split,
+                store_id="s", config=AugmentConfig(**AUGMENT), render_size=32, teacher_size=32, count=3, seed=1,
+                choice_seed=0, batch_size=8)
 
 
 def _entry_folder(cache_root: Path) -> Path:
@@ -211,7 +216,7 @@ def test_a_damaged_or_foreign_cache_is_rebuilt_never_read(tmp_path, image_datase
         rebuilt = teacher_views(cache_root=tmp_path / "damaged", **args)
     (warning,) = _warnings(caplog)
     assert str(folder) in warning and reason in warning
-    assert "running the teacher on 3 views" in caplog.text and "done before" not in caplog.text
+    assert "running the teacher (torch fp32 (test)) on 3 views" in caplog.text and "done before" not in caplog.text
     np.testing.assert_array_equal(rebuilt.logits, clean.logits)
     np.testing.assert_array_equal(rebuilt.params, clean.params)
     _assert_same_files(folder, _entry_folder(tmp_path / "clean"))
@@ -225,3 +230,41 @@ def test_a_distillation_with_stored_views_trains_and_reuses_the_fill(tmp_path, i
     with caplog.at_level("INFO"):
         run(load_recipe(recipe, ["train.seed=1"]), "distill", tmp_path / "artifacts")
     assert "read from" in caplog.text and "running the teacher" not in caplog.text  # another seed, same fill
+
+
+def test_bf16_is_offered_for_the_teacher_only_where_the_cpu_has_it(teacher, monkeypatch, tmp_path):
+    from edgekd.train import teacher_forward
+    from edgekd.train.checkpoint import load_model
+
+    model, meta = load_model(teacher)
+    for native in (False, True):
+        monkeypatch.setattr(teacher_forward, "cpu_has_native_bf16", lambda: native)
+        names = list(teacher_forward.candidates(model, meta, torch.device("cpu"), tmp_path))
+        assert any("bf16" in name for name in names) == native
+        assert "onnxruntime fp32 (CPU)" in names and "torch fp32 (CPU, channels-last)" in names
+
+
+def test_the_fastest_teacher_forward_is_measured_and_onnxruntime_matches_torch(teacher, tmp_path, caplog):
+    from edgekd.train.checkpoint import file_sha256, load_model
+    from edgekd.train.teacher_forward import _torch_forward, fastest_forward
+
+    model, meta = load_model(teacher)
+    meta["sha256"] = file_sha256(teacher)
+    probe = torch.rand(8, 3, 32, 32) * 255
+    with caplog.at_level(logging.INFO):
+        chosen = fastest_forward(model, meta, torch.device("cpu"), probe, tmp_path / "onnx")
+    assert chosen.images_per_s > 0 and "onnxruntime fp32 (CPU)" in caplog.text  # every candidate was timed
+    via_onnx = fastest_forward(model, meta, torch.device("cpu"), probe, tmp_path / "onnx", choice="onnxruntime")
+    assert via_onnx.name == "onnxruntime fp32 (CPU)" and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+    torch.testing.assert_close(via_onnx.run(probe), _torch_forward(model, torch.device("cpu"), None)(probe),
+                               rtol=1e-4, atol=1e-4)
+    kept = fastest_forward(model, meta, torch.device("cpu"), probe, tmp_path / "onnx", earlier=via_onnx.name)
+    assert kept.name == via_onnx.name and kept.images_per_s is None  # a resumed fill keeps its path, unmeasured
+
+
+def test_a_distillation_run_says_which_teacher_forward_filled_its_views(tmp_path, image_dataset, teacher):
+    recipe = load_recipe(_student(tmp_path, image_dataset, teacher), ["distill.teacher_views=2",
+                                                                      "distill.teacher_forward=onnxruntime"])
+    summary = run(recipe, "distill", tmp_path / "artifacts")
+    fill = summary["teacher_views_fill"]
+    assert fill["forward"] == "onnxruntime fp32 (CPU)" and fill["views"] > 0 and fill["seconds"] > 0

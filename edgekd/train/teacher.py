@@ -24,6 +24,7 @@ from edgekd.recipe import Recipe, load_recipe
 from edgekd.runs import latest_run_dir
 from edgekd.train.checkpoint import file_sha256, load_model
 from edgekd.train.teacher_cache import cached_teacher_logits
+from edgekd.train.teacher_forward import TeacherForward, fastest_forward
 from edgekd.train.teacher_views import TeacherViews, teacher_views
 
 log = logging.getLogger(__name__)
@@ -123,26 +124,32 @@ def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher: Teacher, dev
                                            recipe.train.batch_size) for entry in entries])
 
 
-def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Split, autocast) -> TeacherViews:
+def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Split,
+                  device: torch.device) -> TeacherViews:
     model, meta = teacher
     store_id = digest(*(entry.path.name for entry in dataset.train_entries), split.images.shape)
     cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
-    return teacher_views(model, meta["sha256"], len(meta["class_names"]), split, store_id, recipe.augment,
+
+    def choose(probe: torch.Tensor, earlier: str | None) -> TeacherForward:
+        return fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
+                               recipe.distill.teacher_forward, earlier)
+
+    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, store_id, recipe.augment,
                          split.images.shape[1], meta["image_size"], recipe.distill.teacher_views,
-                         recipe.distill.teacher_views_seed, recipe.train.seed, cache_root, autocast)
+                         recipe.distill.teacher_views_seed, recipe.train.seed, cache_root)
 
 
-def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device, split: Split,
-                    autocast) -> tuple[RowStore | None, TeacherViews | None]:
+def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device,
+                    split: Split) -> tuple[RowStore | None, TeacherViews | None]:
     """Where the teacher's logits come from: (cached logits, None), (None, stored views), or (None, None) when
-    the teacher runs on every batch. `split` is what batches are drawn from (at augment.render_size) and
-    `autocast` the precision policy's context, which the stored views' fill runs under."""
+    the teacher runs on every batch. `split` is what batches are drawn from (at augment.render_size); the
+    stored views are filled with the teacher's fastest forward pass on this machine (teacher_forward.py)."""
     meta = teacher[1]
     logits, views = None, None
     if recipe.distill.cache_teacher_logits and not recipe.augment.active:
         logits = _teacher_logit_cache(recipe, dataset, teacher, device)
     elif recipe.augment.active and recipe.distill.teacher_views:
-        views = _stored_views(recipe, dataset, teacher, split, autocast)
+        views = _stored_views(recipe, dataset, teacher, split, device)
     elif recipe.augment.active:
         log.info("augmentation is on, so the teacher runs on every batch, on the view the student sees "
                  "(distill.teacher_views: K stores K views per photo and runs the teacher once per view)")

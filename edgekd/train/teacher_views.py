@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from edgekd.data.sources import digest
 from edgekd.recipe import AugmentConfig
 from edgekd.runs import atomic_write_json
 from edgekd.train.augment import Views, draw_views, render_views
+from edgekd.train.teacher_forward import TeacherForward
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class TeacherViews:
     params: np.ndarray  # (rows of the image store, K, 9) float32
     logits: np.ndarray  # (rows of the image store, K, classes) float16, memory-mapped
     seed: int
+    fill: dict | None = None  # this process's fill: the forward pass that ran, views, seconds (None: none)
 
     @property
     def count(self) -> int:
@@ -139,19 +142,23 @@ def _open_folder(folder: Path, manifest: dict, params: np.ndarray) -> None:
         atomic_write_json(folder / "manifest.json", manifest)
 
 
+def _render(split: Split, entry: TeacherViews, chunk: np.ndarray, k: int, config: AugmentConfig,
+            size: int) -> torch.Tensor:
+    """View k of the photos at rows `chunk`, rendered at the teacher's size."""
+    pixels = torch.from_numpy(np.ascontiguousarray(split.images[chunk])).permute(0, 3, 1, 2)
+    params = torch.from_numpy(entry.params[chunk, k])
+    return render_views(pixels, Views(params[:, :6].reshape(-1, 2, 3), params[:, 6:]), config, size)
+
+
 @torch.inference_mode()
-def _fill(teacher, split: Split, entry: TeacherViews, config: AugmentConfig, teacher_size: int, folder: Path,
-          filled: np.ndarray, batch_size: int, autocast) -> None:
+def _fill(forward: TeacherForward, split: Split, entry: TeacherViews, config: AugmentConfig, teacher_size: int,
+          folder: Path, filled: np.ndarray, batch_size: int) -> None:
     todo = np.sort(split.rows[~filled[split.rows]])
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        pixels = torch.from_numpy(np.ascontiguousarray(split.images[chunk])).permute(0, 3, 1, 2)
         for k in range(entry.count):
-            params = torch.from_numpy(entry.params[chunk, k])
-            views = Views(params[:, :6].reshape(-1, 2, 3), params[:, 6:])
-            x = render_views(pixels, views, config, teacher_size)
-            with autocast():
-                entry.logits[chunk, k] = teacher(x).float().numpy().astype(np.float16)
+            x = _render(split, entry, chunk, k, config, teacher_size)
+            entry.logits[chunk, k] = forward.run(x).numpy().astype(np.float16)
         entry.logits.flush()
         filled[chunk] = True  # only after the logits are on disk: a kill re-runs this chunk, no more
         _save_atomic(folder / "filled.npy", filled)
@@ -164,13 +171,16 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def teacher_views(teacher: torch.nn.Module, teacher_sha256: str, num_classes: int, split: Split, store_id: str,
-                  config: AugmentConfig, render_size: int, teacher_size: int, count: int, seed: int,
-                  choice_seed: int, cache_root: Path, autocast, batch_size: int = 128) -> TeacherViews:
+def teacher_views(choose_forward: Callable[[torch.Tensor, str | None], TeacherForward], teacher_sha256: str,
+                  num_classes: int, split: Split, store_id: str, config: AugmentConfig, render_size: int,
+                  teacher_size: int, count: int, seed: int, choice_seed: int, cache_root: Path,
+                  batch_size: int = 128) -> TeacherViews:
     """The K stored views of every training photo with the teacher's logits, filled now where missing.
 
     `seed` draws the views (students of several seeds can share one fill); `choice_seed` picks each
-    epoch's view per photo (the student's own seed)."""
+    epoch's view per photo (the student's own seed). `choose_forward(probe, earlier)` gives the teacher's
+    forward pass: measured on `probe` (real views at the teacher's size), or the one named `earlier` that
+    began this entry's fill, so a resumed fill computes exactly what an uninterrupted one would have."""
     key = entry_key(teacher_sha256, store_id, config, render_size, teacher_size, count, seed)
     folder = cache_root / "teacher-views" / key
     total = len(split.images)
@@ -182,14 +192,28 @@ def teacher_views(teacher: torch.nn.Module, teacher_sha256: str, num_classes: in
     filled = np.load(folder / "filled.npy") if (folder / "filled.npy").is_file() else np.zeros(total, bool)
     entry = TeacherViews(params, np.load(folder / "logits.npy", mmap_mode="r+"), seed)
     missing = int((~filled[split.rows]).sum())
+    fill = None
     if missing:
-        start = time.perf_counter()
-        log.info("teacher views: running the teacher on %d views of %d photos at %dpx%s (%s)", count, missing,
-                 teacher_size, f" ({len(split.rows) - missing} done before)" if missing < len(split.rows) else "",
-                 folder)
-        teacher.eval()
-        _fill(teacher, split, entry, config, teacher_size, folder, filled, batch_size, autocast)
-        log.info("teacher views: filled in %.0fs", time.perf_counter() - start)
+        fill = _fill_missing(choose_forward, split, entry, config, teacher_size, folder, filled, batch_size, missing)
     else:
         log.info("teacher views: %d views of %d photos read from %s", count, len(split.rows), folder)
-    return TeacherViews(entry.params, np.load(folder / "logits.npy", mmap_mode="r"), choice_seed)
+    return TeacherViews(entry.params, np.load(folder / "logits.npy", mmap_mode="r"), choice_seed, fill)
+
+
+def _fill_missing(choose_forward, split: Split, entry: TeacherViews, config: AugmentConfig, teacher_size: int,
+                  folder: Path, filled: np.ndarray, batch_size: int, missing: int) -> dict:
+    started = time.perf_counter()
+    path_file = folder / "forward.txt"  # the forward pass this entry's fill began with
+    earlier = path_file.read_text().strip() if path_file.is_file() and filled.any() else None
+    probe = _render(split, entry, np.sort(split.rows[~filled[split.rows]])[:32], 0, config, teacher_size)
+    forward = choose_forward(probe, earlier)
+    path_file.write_text(forward.name + "\n")
+    done = len(split.rows) - missing
+    log.info("teacher views: running the teacher (%s) on %d views of %d photos at %dpx%s (%s)", forward.name,
+             entry.count, missing, teacher_size, f" ({done} done before)" if done else "", folder)
+    _fill(forward, split, entry, config, teacher_size, folder, filled, batch_size)
+    seconds = time.perf_counter() - started
+    log.info("teacher views: filled %d views in %.0f s (%.0f views/s, %s)", entry.count * missing, seconds,
+             entry.count * missing / seconds, forward.name)
+    return {"forward": forward.name, "views": entry.count * missing, "seconds": round(seconds, 2),
+            "probe_images_per_s": forward.images_per_s}

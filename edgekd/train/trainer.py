@@ -474,6 +474,7 @@ class Trainer:
                       "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)},
             "dataset": self.dataset.summary(), "mean": self.meta["mean"], "std": self.meta["std"],
             "teacher": self._teacher_info(),
+            "teacher_views_fill": self.views.fill if self.views is not None else None,
             "epochs_done": self.epoch, "epochs_planned": self.recipe.train.epochs,
             "best_epoch": self.stopper.best_epoch, "best_val_acc": self.stopper.best_acc if self.epoch else None,
             "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
@@ -646,7 +647,7 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
     if teacher is not None:
         with dist.node_main_first():
             trainer.teacher_logits, trainer.views = prepare_teacher(recipe, dataset, teacher, device,
-                                                                    trainer.train_split, trainer.policy.autocast)
+                                                                    trainer.train_split)
     if last is not None:
         trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
         trainer.restore(last)
@@ -663,6 +664,7 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
         "parameters": count_parameters(trainer.model), "resumed_from_epoch": trainer.epoch if last else None,
         "resumed_at_batch": trainer.resume_point.next_batch if trainer.resume_point else None,
         "teacher": teacher[1]["path"] if teacher else None, "distributed": dist.describe(),
+        "teacher_views_fill": trainer.views.fill if trainer.views is not None else None,
         "skipped_images": sum(len(v) for v in dataset.skipped.values()),
         "unlabeled_images": dataset.splits["train"].unlabeled_count})
     return trainer.fit()

@@ -1,0 +1,113 @@
+"""The teacher's fastest forward pass on this machine, chosen by measuring, for filling the stored views.
+
+Filling teacher views runs a large teacher over K views of every training photo: the longest part of a
+distillation on a CPU. Which forward pass is fastest depends on the machine, so it is measured, not
+assumed: PyTorch fp32 (channels-last), PyTorch bf16 autocast (offered only where the processor has bf16
+instructions: emulated bf16 is slower than fp32), fp16 autocast on CUDA, and onnxruntime on the teacher's
+own fp32 export (CPU; exported once into the cache, keyed by the teacher's checksum). Each candidate runs
+the same real views twice (the first run warms it up); the fastest per image is used.
+
+`distill.teacher_forward` forces one (torch, onnxruntime); `auto` measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgekd.runs import atomic_write
+from edgekd.train.precision import cpu_has_native_bf16
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # float 0-255 NCHW views → float32 logits on the CPU
+
+
+@dataclass
+class TeacherForward:
+    name: str  # what ran, e.g. "onnxruntime fp32 (CPU)"
+    run: Forward
+    images_per_s: float | None = None  # as measured on the probe batch (None: not measured)
+
+
+def _torch_forward(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> Forward:
+    def run(views: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast(device.type, dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            return model(views.to(device)).float().cpu()
+    return run
+
+
+def _onnxruntime_forward(model: torch.nn.Module, image_size: int, sha256: str, folder: Path) -> Forward:
+    from edgekd.runtime.session import open_session
+
+    path = folder / f"{sha256[:16]}.fp32.onnx"
+    if not path.is_file():
+        import onnx
+
+        from edgekd.export.onnx_fp32 import export_fp32
+
+        proto, _ = export_fp32(model, image_size)
+        atomic_write(path, lambda tmp: onnx.save_model(proto, tmp, save_as_external_data=False))
+    session = open_session(path, threads=torch.get_num_threads())
+    name = session.get_inputs()[0].name
+
+    def run(views: torch.Tensor) -> torch.Tensor:
+        pixels = np.ascontiguousarray(views.float().numpy())
+        return torch.from_numpy(session.run(None, {name: pixels})[0].astype(np.float32))
+    return run
+
+
+def candidates(model: torch.nn.Module, meta: dict, device: torch.device, folder: Path,
+               choice: str = "auto") -> dict[str, Callable[[], Forward]]:
+    """Named builders of every forward pass this machine offers (built lazily: an export costs seconds)."""
+    offered: dict[str, Callable[[], Forward]] = {}
+    if device.type == "cuda":
+        offered["torch fp16 autocast (CUDA)"] = lambda: _torch_forward(model, device, torch.float16)
+        offered["torch fp32 (CUDA)"] = lambda: _torch_forward(model, device, None)
+        return offered if choice != "onnxruntime" else {}
+    if choice in ("auto", "torch"):
+        offered["torch fp32 (CPU, channels-last)"] = lambda: _torch_forward(model, device, None)
+        if cpu_has_native_bf16():  # never offered where bf16 is emulated: it is slower than fp32 there
+            offered["torch bf16 autocast (CPU, native bf16)"] = lambda: _torch_forward(model, device, torch.bfloat16)
+    if choice in ("auto", "onnxruntime"):
+        offered["onnxruntime fp32 (CPU)"] = lambda: _onnxruntime_forward(model, meta["image_size"], meta["sha256"],
+                                                                         folder)
+    return offered
+
+
+def fastest_forward(model: torch.nn.Module, meta: dict, device: torch.device, probe: torch.Tensor, folder: Path,
+                    choice: str = "auto", earlier: str | None = None) -> TeacherForward:
+    """The fastest of the candidates on `probe` (real views at the teacher's size), timed on a second run;
+    `earlier`, when this machine offers it, is kept without measuring (a resumed fill computes as it began)."""
+    model.eval()
+    offered = candidates(model, meta, device, folder, choice)
+    if not offered:
+        raise ValueError(f"no teacher forward pass '{choice}' on {device.type}")
+    if earlier in offered:
+        return TeacherForward(earlier, offered[earlier]())
+    if len(offered) == 1:
+        name, build = next(iter(offered.items()))
+        return TeacherForward(name, build())
+    measured = []
+    for name, build in offered.items():
+        try:
+            run = build()
+            run(probe)  # warm-up: first-call allocations, oneDNN kernel choice, onnxruntime's arena
+            start = time.perf_counter()
+            run(probe)
+            measured.append(TeacherForward(name, run, len(probe) / (time.perf_counter() - start)))
+        except Exception as exc:  # a path this model or machine cannot take is skipped, with the reason
+            log.warning("teacher forward: %s unavailable (%s: %s)", name, exc.__class__.__name__, exc)
+    if not measured:
+        raise RuntimeError("no teacher forward pass ran on this machine")
+    best = max(measured, key=lambda forward: forward.images_per_s)
+    log.info("teacher forward: %s", ", ".join(f"{f.name} {f.images_per_s:.0f} img/s" for f in measured))
+    return best
