@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -92,6 +93,7 @@ def test_int8_is_qdq_and_can_keep_sensitive_layers_in_float(exports, distilled_r
     first_conv = next(n for n in graph.node if n.op_type == "Conv")
     producers = {o: n.op_type for n in graph.node for o in n.output}
     assert producers.get(first_conv.input[0]) != "DequantizeLinear"  # the stem reads float input
+    assert _gate_metadata(results[-1].path)[0] == ["net.stem.0", "net.head.0", "net.head.3"]
 
 
 def test_a_failed_export_never_replaces_a_good_file(exports, distilled_run, tmp_path, monkeypatch):
@@ -165,3 +167,98 @@ def test_percentile_calibration_ignores_outliers_that_stretch_minmax_ranges(dist
     # a percentile of |x| never exceeds its maximum, and some tensor has outliers above its 99.99th percentile
     assert all(scales["percentile"][k] <= scales["minmax"][k] * (1 + 1e-6) for k in scales["minmax"])
     assert any(scales["percentile"][k] < scales["minmax"][k] * 0.999 for k in scales["minmax"])
+
+
+# ----- accuracy-aware int8 and fp8 -----------------------------------------------------------------------
+
+def _gate_metadata(path) -> tuple[list[str], dict]:
+    metadata = {p.key: p.value for p in onnx.load(path).metadata_props}
+    return json.loads(metadata["float_layers"]), json.loads(metadata["accuracy_gate"])
+
+
+def _outlier_reader(state: dict, layer: str, unit: int) -> None:
+    """`layer` reads input `unit` (always exactly 0) with weights a million times its largest: fp32 computes
+    exactly what it did, but a per-channel int8 or fp8 range stretched by the outlier rounds every other
+    weight of the layer to zero."""
+    weight = state[f"{layer}.weight"]
+    weight[:, unit] = 1e6 * weight.abs().max()
+
+
+def _fragile_checkpoint(distilled_run, folder, both_head_layers=False):
+    """The distilled student with its last classifier layer (net.head.3) destroyed by int8/fp8 rounding;
+    with `both_head_layers`, the first one (net.head.0) too."""
+    payload = torch.load(distilled_run / "best.pt", weights_only=True)
+    state = payload["state_dict"]
+    state["net.head.0.weight"][0], state["net.head.0.bias"][0] = 0.0, -1.0  # hidden unit 0: ReLU(-1) = 0
+    _outlier_reader(state, "net.head.3", 0)
+    if both_head_layers:  # feature 0 of the last block: ReLU(BN(0) + BN(0)) with both BatchNorms at -1
+        for branch in ("body.3", "shortcut.0"):
+            state[f"net.blocks.7.{branch}.weight"][0] = 0.0
+        for norm in ("body.4", "shortcut.1"):
+            for key, value in (("running_mean", 0.0), ("running_var", 1.0), ("weight", 1.0), ("bias", -1.0)):
+                state[f"net.blocks.7.{norm}.{key}"][0] = value
+        _outlier_reader(state, "net.head.0", 0)
+    folder.mkdir(parents=True)
+    torch.save(payload, folder / "best.pt")
+    return folder / "best.pt"
+
+
+def test_a_file_that_meets_the_gate_as_it_is_keeps_no_layer_in_float(exports):
+    for precision in ("int8", "fp8"):
+        float_layers, gate = _gate_metadata(exports[precision].path)
+        assert float_layers == [] and gate["searched"] is False, precision
+        assert gate["as_requested"]["passes"] and gate["split"] == "val" and gate["images"] == 18
+        assert gate["max_drop_pts"] == 0.5 and gate["min_agreement"] == 0.99
+
+
+def test_a_layer_that_rounding_destroys_is_kept_in_float_and_named(distilled_run, tmp_path, caplog):
+    checkpoint = _fragile_checkpoint(distilled_run, tmp_path / "fragile")
+    with caplog.at_level("INFO", logger="edgekd"):
+        results = export_checkpoint(ExportPlan(checkpoint, ["int8", "fp8"], tmp_path / "out", calibration_images=12))
+    assert [r.path.name for r in results] == [f"tiny_student.{p}.onnx" for p in ("fp32", "int8", "fp8")]
+    for result in results[1:]:
+        float_layers, gate = _gate_metadata(result.path)
+        assert float_layers == ["net.head.3"], result.precision
+        # untouched it lost two thirds of the images; the search measured why and what fixed it
+        assert not gate["as_requested"]["passes"] and gate["as_requested"]["drop_pts"] > 50
+        assert gate["searched"] and gate["sensitivity"]["top"][0][0] == "net.head.3"
+        assert gate["sensitivity"]["top"][0][1] > 100 * gate["sensitivity"]["top"][1][1]
+        assert [step["layer"] for step in gate["kept"]] == ["net.head.3"]
+        assert gate["drop_pts"] <= 0.5 and gate["agreement"] >= 0.99 and result.agreement == 1.0
+        graph = onnx.load(result.path).graph
+        stored = {i.name: i.data_type for i in graph.initializer}
+        assert stored["net.head.3.weight"] == onnx.TensorProto.FLOAT  # the file really holds it in float
+    assert "net.blocks.0.body.0.weight_fp8" in stored  # and everything else still in fp8
+    assert "int8 meets the gate with 1 layer(s) in float (net.head.3)" in caplog.text
+
+
+def test_an_export_that_cannot_meet_the_gate_fails_and_writes_no_file(distilled_run, tmp_path, monkeypatch):
+    checkpoint = _fragile_checkpoint(distilled_run, tmp_path / "fragile", both_head_layers=True)
+    with pytest.raises(ExportError, match="int8 misses the gate on 18 held-out val images") as failure:
+        export_checkpoint(ExportPlan(checkpoint, ["int8"], tmp_path / "out", calibration_images=12,
+                                     max_float_layers=1))
+    assert "no int8 file was written" in str(failure.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tiny_student.fp32.onnx"]
+    # the CLI says so and exits non-zero (a cap of one layer instead of a third of the 23)
+    from edgekd.export import search
+
+    monkeypatch.setattr(search, "FLOAT_FRACTION_CAP", 0.01)
+    result = CliRunner().invoke(cli, ["export", str(checkpoint), "--all", "--calibration-images", "12",
+                                      "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "int8 misses the gate" in result.output and "fp8 misses the gate" in result.output
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["tiny_student.fp16.onnx",
+                                                                   "tiny_student.fp32.onnx"]
+
+
+def test_fp8_is_measured_through_an_fp32_twin_with_the_same_logits(exports, distilled_run):
+    from edgekd.export.precisions import fp8_as_fp32, to_fp8, weight_layers
+    from edgekd.export.search import graph_logits
+
+    _, _, pixels = _val_pixels(distilled_run / "best.pt")
+    fp32 = onnx.load(exports["fp32"].path)
+    stem = weight_layers(fp32)["net.stem.0"]
+    for keep in ([], [stem]):
+        np.testing.assert_allclose(graph_logits(fp8_as_fp32(fp32, keep_float=keep), pixels),
+                                   graph_logits(to_fp8(fp32, keep_float=keep), pixels), atol=1e-5, rtol=0)
+    assert "net.stem.0.weight" in {i.name for i in to_fp8(fp32, keep_float=[stem]).graph.initializer}

@@ -4,14 +4,22 @@ Every file holds its weights (no .onnx.data beside it), has a dynamic batch dime
 metadata what a device needs: class names, input size, mean/std (applied inside the graph), resize method,
 precision, and where it came from. A file is written under a temporary name and renamed, so a failed
 export never replaces a good one.
+
+int8 and fp8 files must meet the validate gate (export.max_drop_<precision>, export.min_agreement) on
+held-out val images before they are written; one that misses it gets its most sensitive layers kept in
+float (edgekd/export/search.py). When no file within the cap meets it, nothing is written for that
+precision (an older file at its path stays as it was) and the export ends in ExportError once the other
+precisions are written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +28,9 @@ import onnx
 import edgekd
 from edgekd.errors import EdgekdError
 from edgekd.export.onnx_fp32 import INPUT_NAME, export_fp32, opset_of, torch_logits
-from edgekd.export.precisions import to_fp8, to_fp16, to_int8
+from edgekd.export.precisions import Int8Quantizer, to_fp16
+from edgekd.export.search import (SENSITIVITY_IMAGES, GateLimits, HeldOut, LayerwiseFp8, LayerwiseInt8, meet_gate,
+                                  requested_layers)
 from edgekd.runs import atomic_write
 from edgekd.runtime.model_info import ModelInfo
 from edgekd.runtime.session import available_providers, open_session, run_logits
@@ -29,6 +39,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 FP32_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and the fp32 export
+GATED = ("int8", "fp8")  # precisions whose file must meet the validate gate before it is written
+HELD_OUT_IMAGES = 2000  # the gate's val images: all of them up to this many (a seeded sample beyond)
 
 
 class ExportError(EdgekdError):
@@ -53,6 +65,9 @@ class ExportPlan:
     keep_float: list[str] | None = None  # None: the recipe's export.keep_float
     data_root: str | None = None
     calibration_method: str | None = None  # None: the recipe's export.calibration_method
+    max_drop_pts: float | None = None  # None: the recipe's export.max_drop_<precision> (int8 and fp8)
+    min_agreement: float | None = None  # None: the recipe's export.min_agreement
+    max_float_layers: int | None = None  # layers the search may add in float; None: a third of them
 
 
 def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
@@ -73,12 +88,57 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     fp32, exporter = export_fp32(model, payload["image_size"])
     info = _model_info(payload, file_sha256(plan.checkpoint), exporter, opset_of(fp32))
     stem = payload.get("run") or plan.checkpoint.parent.name
-    results = []
+    sources = _Sources(plan, recipe, dataset, model, fp32, plan.out_dir / f"{stem}.fp32.onnx",
+                       list(payload["class_names"]))
+    results, missed = [], {}
     for precision in ["fp32", *[p for p in plan.precisions if p != "fp32"]]:
         path = plan.out_dir / f"{stem}.{precision}.onnx"
-        graph = _convert(precision, fp32, plan, dataset, path.with_name(f"{stem}.fp32.onnx"))
-        results.append(_write_checked(graph, path, info, precision, reference_pixels, reference))
+        graph, extra = _convert(precision, sources)
+        if graph is None:
+            missed[precision] = extra
+            continue
+        file_info = dataclasses.replace(info, extra={**info.extra, **extra})
+        results.append(_write_checked(graph, path, file_info, precision, reference_pixels, reference))
+    if missed:
+        raise _gate_missed(missed, results)
     return results
+
+
+class _Sources:
+    """What the conversions draw on, each computed once and only when a precision needs it."""
+
+    def __init__(self, plan: ExportPlan, recipe, dataset, model, fp32: onnx.ModelProto, fp32_path: Path,
+                 class_names: list[str]):
+        self.plan, self.recipe, self.dataset, self.model = plan, recipe, dataset, model
+        self.fp32, self.fp32_path, self.class_names = fp32, fp32_path, class_names
+
+    @cached_property
+    def calibration(self) -> np.ndarray:
+        return _sample(self.dataset.splits["train"], self.plan.calibration_images, seed=0, balanced=True)
+
+    @cached_property
+    def sensitivity(self) -> np.ndarray:
+        """A seeded subset of the calibration images (still class-balanced in expectation)."""
+        rng = np.random.default_rng(1)
+        return self.calibration[np.sort(rng.permutation(len(self.calibration))[:SENSITIVITY_IMAGES])]
+
+    @cached_property
+    def held_out(self) -> HeldOut:
+        """The val split's labelled images (calibration saw only training images) and PyTorch's logits."""
+        split = self.dataset.splits["val"]
+        rng = np.random.default_rng(0)
+        pixels, labels = split.take(np.sort(rng.permutation(len(split))[:HELD_OUT_IMAGES]))
+        if labels is None or not len(labels):
+            raise ExportError("the val split has no labelled images to check int8/fp8 accuracy on",
+                              hint="export from a run whose dataset has a labelled val split")
+        log.info("gate images: %d of the %d val images, PyTorch fp32 as the reference", len(labels), len(split))
+        return HeldOut("val", pixels, np.asarray(labels), torch_logits(self.model, pixels), self.class_names)
+
+    def limits(self, precision: str) -> GateLimits:
+        export, plan = self.recipe.export, self.plan
+        return GateLimits(
+            getattr(export, f"max_drop_{precision}") if plan.max_drop_pts is None else plan.max_drop_pts,
+            export.min_agreement if plan.min_agreement is None else plan.min_agreement, plan.max_float_layers)
 
 
 def _check_writable(folder: Path) -> None:
@@ -105,20 +165,47 @@ def _sample(split, count: int, seed: int, balanced: bool) -> np.ndarray:
     return split.take(np.sort(positions[:count] if len(positions) > count else positions))[0]
 
 
-def _convert(precision: str, fp32: onnx.ModelProto, plan: ExportPlan, dataset, fp32_path: Path) -> onnx.ModelProto:
+def _convert(precision: str, sources: _Sources) -> tuple[onnx.ModelProto | None, dict[str, str]]:
+    """The graph for one precision and the metadata it adds; no graph when int8/fp8 misses the gate."""
+    plan = sources.plan
     if precision == "fp32":
-        return fp32
+        return sources.fp32, {}
     if precision == "fp16":
         if "cuda" not in available_providers():
             log.warning("fp16 is for GPU and NPU runtimes; this machine has no CUDA provider, and onnxruntime's "
                         "CPU provider runs fp16 no faster than fp32")
-        return to_fp16(fp32)
+        return to_fp16(sources.fp32), {}
     if precision == "int8":
-        calibration = _sample(dataset.splits["train"], plan.calibration_images, seed=0, balanced=True)
-        log.info("int8: calibrating on %d real training images (class-balanced, seed 0), %s ranges", len(calibration),
-                 plan.calibration_method)
-        return to_int8(fp32_path, calibration, plan.keep_float, plan.calibration_method)
-    return to_fp8(fp32, _trained_fp8_scales(plan.checkpoint, fp32))
+        log.info("int8: calibrating on %d real training images (class-balanced, seed 0), %s ranges",
+                 len(sources.calibration), plan.calibration_method)
+        with Int8Quantizer(sources.fp32_path, sources.calibration, plan.calibration_method) as quantizer:
+            return _meeting_the_gate(LayerwiseInt8(quantizer), sources)
+    return _meeting_the_gate(LayerwiseFp8(sources.fp32, _trained_fp8_scales(plan.checkpoint, sources.fp32)),
+                             sources)
+
+
+def _meeting_the_gate(layerwise, sources: _Sources) -> tuple[onnx.ModelProto | None, dict[str, str]]:
+    """The user's keep_float layers in float, and more if the file misses the gate on held-out images;
+    which layers and why go into the file's metadata."""
+    requested = requested_layers(layerwise, sources.plan.keep_float)
+    result = meet_gate(layerwise, requested, sources.held_out, sources.limits(layerwise.precision),
+                       sources.sensitivity)
+    extra = {"float_layers": json.dumps(result.float_layers), "accuracy_gate": json.dumps(result.record)}
+    return (result.graph if result.passed else None), extra
+
+
+def _gate_missed(missed: dict[str, dict[str, str]], written: list[ExportedFile]) -> ExportError:
+    lines = []
+    for precision, extra in missed.items():
+        record = json.loads(extra["accuracy_gate"])
+        lines.append(f"{precision} misses the gate on {record['images']} held-out {record['split']} images even with "
+                     f"{len(record.get('kept', []))} more layer(s) in float (at most {record.get('cap', 0)}): "
+                     f"accuracy drop {record['drop_pts']:.2f} pts (limit {record['max_drop_pts']:g}), agreement "
+                     f"{record['agreement']:.4f} (limit {record['min_agreement']:g}); no {precision} file was written")
+    done = ", ".join(f.path.name for f in written)
+    return ExportError("\n".join(lines) + f"\nwritten: {done}",
+                       hint="calibrate another way (--calibration-method percentile), or relax the gate "
+                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement) in the recipe")
 
 
 def _trained_fp8_scales(checkpoint: Path, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
