@@ -18,6 +18,7 @@ mid-epoch saves); a real run uses train.checkpoint_seconds (60 by default) the s
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -36,13 +37,25 @@ REPO = Path(__file__).resolve().parent.parent
 TIMING = {"seconds", "train_seconds", "images_per_s"}
 
 
+CHILDREN: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _stop_children() -> None:
+    """A benchmark stopped midway leaves no training process behind."""
+    for child in CHILDREN:
+        if child.poll() is None:
+            child.kill()
+
+
 def start(args, work: Path, name: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "EDGEKD_ARTIFACTS": str(work / name), "EDGEKD_CACHE": str(work / "cache")}
     overrides = [f"data.root={args.data}", f"train.epochs={args.epochs}", "name=run", *args.set]
     cmd = [sys.executable, "-m", "edgekd", "-q", "train", str(args.recipe), *extra]
     for item in overrides:
         cmd += ["--set", item]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    CHILDREN.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return CHILDREN[-1]
 
 
 def finish(process: subprocess.Popen) -> None:
@@ -135,6 +148,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # so atexit stops the children
     args.data = str(Path(args.data).resolve())
     work = args.work or Path(tempfile.mkdtemp(prefix="kill_resume_"))
     print(f"runs under {work}; {sys.executable} with {torch.get_num_threads()} threads", file=sys.stderr)
