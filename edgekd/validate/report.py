@@ -55,7 +55,8 @@ def markdown(validation, run_dir: Path) -> str:
            "", f"Device: {d['cpu']} ({d['physical_cores']} physical / {d['logical_cores']} logical cores; "
            f"{', '.join(d['instruction_sets']) or 'no AVX-512/VNNI/AMX'}); GPU: {d['gpu']}; "
            f"onnxruntime {d['onnxruntime']}; OpenVINO {d.get('openvino') or 'not installed'}; torch {d['torch']}.", "",
-           "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+           "| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |",  # max|Δp| would split a cell
+           "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     if validation.skipped:
         out += ["", "Skipped:", ""] + [f"- {s['variant']} ({s['file']}): {s['reason']}" for s in validation.skipped]
