@@ -225,6 +225,7 @@ def test_a_layer_that_rounding_destroys_is_kept_in_float_and_named(distilled_run
         assert gate["sensitivity"]["top"][0][1] > 100 * gate["sensitivity"]["top"][1][1]
         assert [step["layer"] for step in gate["kept"]] == ["net.head.3"]
         assert gate["drop_pts"] <= 0.5 and gate["agreement"] >= 0.99 and result.agreement == 1.0
+        assert result.float_layers == float_layers and result.accuracy_gate == gate
         graph = onnx.load(result.path).graph
         stored = {i.name: i.data_type for i in graph.initializer}
         assert stored["net.head.3.weight"] == onnx.TensorProto.FLOAT  # the file really holds it in float

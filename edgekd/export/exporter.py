@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 FP32_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and the fp32 export
-GATED = ("int8", "fp8")  # precisions whose file must meet the validate gate before it is written
 HELD_OUT_IMAGES = 2000  # the gate's val images: all of them up to this many (a seeded sample beyond)
 
 
@@ -54,6 +53,8 @@ class ExportedFile:
     size_bytes: int
     max_abs_logit_diff: float  # against PyTorch fp32, on real validation images
     agreement: float  # fraction of those images with the same top-1 class as PyTorch
+    float_layers: list[str] = field(default_factory=list)  # int8/fp8: layers kept in float
+    accuracy_gate: dict = field(default_factory=dict)  # int8/fp8: the held-out gate check (metadata accuracy_gate)
 
 
 @dataclass
@@ -98,7 +99,10 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
             missed[precision] = extra
             continue
         file_info = dataclasses.replace(info, extra={**info.extra, **extra})
-        results.append(_write_checked(graph, path, file_info, precision, reference_pixels, reference))
+        written = _write_checked(graph, path, file_info, precision, reference_pixels, reference)
+        written.float_layers = json.loads(extra.get("float_layers", "[]"))
+        written.accuracy_gate = json.loads(extra.get("accuracy_gate", "{}"))
+        results.append(written)
     if missed:
         raise _gate_missed(missed, results)
     return results
@@ -204,8 +208,9 @@ def _gate_missed(missed: dict[str, dict[str, str]], written: list[ExportedFile])
                      f"{record['agreement']:.4f} (limit {record['min_agreement']:g}); no {precision} file was written")
     done = ", ".join(f.path.name for f in written)
     return ExportError("\n".join(lines) + f"\nwritten: {done}",
-                       hint="calibrate another way (--calibration-method percentile), or relax the gate "
-                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement) in the recipe")
+                       hint="for int8 try --calibration-method percentile; the gate is the run's recipe "
+                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement), the cap a third of the "
+                            "layers (ExportPlan.max_float_layers)")
 
 
 def _trained_fp8_scales(checkpoint: Path, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
