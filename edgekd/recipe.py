@@ -183,7 +183,8 @@ class ExportConfig:
     # How int8 activation ranges are set from them: minmax (the observed extremes), percentile (99.99th
     # percentile of |x|: a few outliers no longer stretch the range; EfficientNet-Lite needs it) or entropy.
     calibration_method: str = field(default="minmax", metadata=_choices("minmax", "percentile", "entropy"))
-    # Layers the int8 graph keeps in float when it loses too much accuracy: stem, classifier.
+    # Layers the int8 and fp8 graphs keep in float from the start: stem, classifier. When a file still
+    # misses the gate below, export adds its most sensitive layers to these until it passes.
     keep_float: list[str] = field(default_factory=list, metadata=_check(
         lambda v: set(v) <= {"stem", "classifier"}, "may only name stem and classifier"))
     # The validate gate: largest accuracy drop against PyTorch fp32 (percentage points) per precision,

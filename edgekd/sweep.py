@@ -301,7 +301,7 @@ def _export_and_validate(member: Member, run_dir: Path, config: SweepExport, eve
     """
     import json
 
-    from edgekd.export import ExportPlan, export_checkpoint
+    from edgekd.export import ExportError, ExportPlan, export_checkpoint
     from edgekd.validate import ValidationPlan, validate_run
     from edgekd.validate.report import write_reports
 
@@ -313,14 +313,20 @@ def _export_and_validate(member: Member, run_dir: Path, config: SweepExport, eve
     precisions = sorted({*config.precisions, *([member.precision] if member.precision in EXPORT_PRECISIONS else [])},
                         key=("fp32", *EXPORT_PRECISIONS).index)
     events.on_export(member, f"exporting fp32, {', '.join(precisions)}")
-    export_checkpoint(ExportPlan(checkpoint, precisions, run_dir / "exports"))
+    export_failure = None
+    try:
+        export_checkpoint(ExportPlan(checkpoint, precisions, run_dir / "exports"))
+    except ExportError as exc:  # a precision no float layers could bring within the gate: the others were
+        export_failure = str(exc)  # written; record it and validate those, the sweep goes on
+        events.on_export(member, f"export: {export_failure}")
     events.on_export(member, "validating on onnxruntime cpu")
     result = validate_run(ValidationPlan(run_dir, providers=["cpu"], batch_sizes=list(config.batch_sizes),
                                          latency_seconds=config.latency_seconds))
     write_reports(result, run_dir)
     for name, reasons in result.failures.items():
         events.on_export(member, f"gate: {name} fails ({'; '.join(reasons)})")
-    return {"status": "validated", "failures": result.failures}
+    failures = {**result.failures, **({"export": [export_failure]} if export_failure else {})}
+    return {"status": "validated", "failures": failures}
 
 
 def find_sweep_dirs(root: Path) -> list[Path]:
