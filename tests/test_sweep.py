@@ -191,3 +191,22 @@ def test_cli_sweep_runs_then_skips_and_maps_errors_to_exit_codes(tmp_path, image
     assert result.output.count("skipped, finished") == 2 and "epoch   1" not in result.output
     result = runner.invoke(cli, ["sweep", str(write_sweep(tmp_path, image_dataset, teachr="t.yaml"))])
     assert result.exit_code == 2 and "did you mean teacher?" in result.output and "Traceback" not in result.output
+
+
+def test_an_export_that_cannot_meet_the_gate_is_recorded_and_the_sweep_goes_on(tmp_path, image_dataset,
+                                                                                 monkeypatch):
+    import edgekd.export as export_module
+
+    real = export_module.export_checkpoint
+
+    def int8_misses_the_gate(plan):
+        real(export_module.ExportPlan(plan.checkpoint, [], plan.out_dir))  # fp32 written, as the exporter does
+        raise export_module.ExportError("int8: no float layers within the cap met the gate (-3.00 pts)")
+
+    monkeypatch.setattr(export_module, "export_checkpoint", int8_misses_the_gate)
+    path = write_sweep(tmp_path, image_dataset, baselines="none", export={"enabled": True, "precisions": ["int8"],
+                                                                          "latency_seconds": 0.05})
+    state = run_sweep(SweepPlan(path, ["train.epochs=1"], tmp_path / "artifacts"))
+    export = state["members"]["s"]["export"]
+    assert export["failures"]["export"] == ["int8: no float layers within the cap met the gate (-3.00 pts)"]
+    assert (tmp_path / "artifacts" / "tiny" / "s" / "validation.json").is_file()  # fp32 still validated
