@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 # Which exported variant suits a provider best, most preferred first.
 PREFERRED = {"cpu": ("int8", "fp32", "fp8", "fp16"), "cuda": ("fp16", "fp32", "int8", "fp8"),
              "tensorrt": ("fp16", "int8", "fp32", "fp8")}
-# Batches decoded ahead of the one the model runs: keeps the decoding threads busy, costs little memory.
-BATCHES_AHEAD = 2
 
 
 @dataclass
@@ -56,7 +54,7 @@ class ExportedModel:
 
     path: Path
     provider: str = "cpu"
-    threads: int | None = None
+    threads: int | None = None  # onnxruntime threads per batch; default 1: batches run side by side instead
     info: ModelInfo = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +62,7 @@ class ExportedModel:
             raise EdgekdError(f"onnxruntime here has no {self.provider} provider",
                               hint=f"available: {', '.join(available_providers())}")
         try:
-            self.session = open_session(self.path, self.provider, self.threads, spinning=False)
+            self.session = open_session(self.path, self.provider, self.session_threads, spinning=False)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
             raise EdgekdError(f"{self.path}: onnxruntime cannot load it ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from exc
@@ -76,6 +74,10 @@ class ExportedModel:
             raise EdgekdError(f"{self.path}: resize method {self.info.resize!r} is unknown to this edgekd",
                               hint="upgrade edgekd")
         self._check_metadata_fits_graph()
+
+    @property
+    def session_threads(self) -> int:
+        return self.threads or 1
 
     def _check_metadata_fits_graph(self) -> None:
         """The metadata must describe this graph: its input name, image size and number of classes."""
@@ -105,15 +107,27 @@ class ExportedModel:
         return exp / exp.sum(axis=1, keepdims=True)
 
     def classify(self, files: list[Path], top_k: int = 3, batch_size: int = 16,
-                 decode_threads: int | None = None) -> Iterator[Prediction | Failure]:
+                 workers: int | None = None) -> Iterator[Prediction | Failure]:
         """One result per file, in order; unreadable files become Failures and do not stop the rest.
 
-        Photos are decoded in `decode_threads` threads (default: one per core) up to BATCHES_AHEAD batches
-        ahead of the model, so decoding runs while onnxruntime works (Pillow releases the GIL to decode
-        and resize). Each photo still goes through `decode`, alone: results equal one-by-one decoding.
+        Batches are classified side by side, `workers` at a time (default: one per core for each
+        onnxruntime thread a batch gets). While one worker decodes its batch the others run the model:
+        Pillow and onnxruntime both release Python's lock, and no core waits for another's share of a
+        batch. Every batch goes through `classify_batch`, so the results equal one-by-one classification.
         """
-        for batch, decoded in self._decoded_batches(files, batch_size, decode_threads):
-            yield from self._classify_batch(batch, decoded, top_k)
+        batches = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
+        if len(files) <= 1:  # one photo: starting threads would only lengthen the cold start
+            yield from (result for batch in batches for result in self.classify_batch(batch, top_k))
+            return
+        workers = workers or max(1, (os.cpu_count() or 1) // self.session_threads)
+        yield from _in_order(self.classify_batch, batches, top_k, workers)
+
+    def classify_batch(self, files: list[Path], top_k: int = 3) -> list[Prediction | Failure]:
+        decoded = [self.decode(path) for path in files]
+        pixels = [item for item in decoded if not isinstance(item, Failure)]
+        rows = iter(self.probabilities(np.stack(pixels)) if pixels else ())
+        return [item if isinstance(item, Failure) else self._prediction(str(path), next(rows), top_k)
+                for path, item in zip(files, decoded)]
 
     def decode(self, path: Path) -> np.ndarray | Failure:
         """The one way classify prepares a photo: training's preprocessing, JPEG draft where harmless."""
@@ -122,30 +136,6 @@ class ExportedModel:
         except ImageDecodeError as exc:
             return Failure(str(path), str(exc))
 
-    def _decoded_batches(self, files: list[Path], batch_size: int,
-                         threads: int | None) -> Iterator[tuple[list[Path], list[np.ndarray | Failure]]]:
-        batches = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
-        if len(files) <= 1:  # one photo: starting threads would only lengthen the cold start
-            yield from ((batch, [self.decode(path) for path in batch]) for batch in batches)
-            return
-        from concurrent.futures import ThreadPoolExecutor  # imported here: a single photo never needs it
-
-        with ThreadPoolExecutor(threads or os.cpu_count() or 1, thread_name_prefix="edgekd-decode") as pool:
-            in_flight: deque = deque()
-            for batch in batches:
-                in_flight.append((batch, [pool.submit(self.decode, path) for path in batch]))
-                if len(in_flight) > BATCHES_AHEAD:
-                    yield _finished(*in_flight.popleft())
-            while in_flight:
-                yield _finished(*in_flight.popleft())
-
-    def _classify_batch(self, files: list[Path], decoded: list[np.ndarray | Failure],
-                        top_k: int) -> Iterator[Prediction | Failure]:
-        pixels = [d for d in decoded if not isinstance(d, Failure)]
-        rows = iter(self.probabilities(np.stack(pixels)) if pixels else ())
-        for path, item in zip(files, decoded):
-            yield item if isinstance(item, Failure) else self._prediction(str(path), next(rows), top_k)
-
     def _prediction(self, file: str, probs: np.ndarray, top_k: int) -> Prediction:
         order = np.argsort(-probs)[:max(1, top_k)]
         names = self.info.class_names
@@ -153,8 +143,22 @@ class ExportedModel:
                           [(names[j], float(probs[j])) for j in order])
 
 
-def _finished(batch: list[Path], futures: list) -> tuple[list[Path], list[np.ndarray | Failure]]:
-    return batch, [future.result() for future in futures]
+def _in_order(classify_batch, batches: list[list[Path]], top_k: int,
+              workers: int) -> Iterator[Prediction | Failure]:
+    """classify_batch over the batches in `workers` threads, a few batches ahead, results in order."""
+    from concurrent.futures import ThreadPoolExecutor  # imported here: a single photo never needs it
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="edgekd-classify")
+    in_flight: deque = deque()
+    try:
+        for batch in batches:
+            in_flight.append(pool.submit(classify_batch, batch, top_k))
+            if len(in_flight) > workers:  # one batch more than workers: none waits for the reader
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+    finally:  # on an error or Ctrl-C, finish only the batches already running
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:

@@ -330,7 +330,8 @@ def validate(run_dir, split, providers, batch_sizes, max_drop, min_agreement, th
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime threads per batch [default: 1; batches run side by side, one per core].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--artifacts", type=click.Path(file_okay=False), default=None,
               help="Where runs live, to find the newest export.")

@@ -135,12 +135,12 @@ def test_classify_imports_no_training_stack(model_file, photos):
                             "edgekd.runtime.model_info", "edgekd.runtime.preprocess", "edgekd.runtime.session"}
 
 
-def test_threaded_folder_decoding_gives_the_answers_of_one_by_one_decoding(model_file, photos):
+def test_batches_in_threads_give_the_answers_of_one_by_one_classification(model_file, photos):
     folder, bad = photos
     files = expand_inputs([str(bad), str(folder)])  # bad files first, so batches mix failures and photos
     model = ExportedModel(model_file)
-    threaded = list(model.classify(files, top_k=3, batch_size=3, decode_threads=4))
-    alone = [next(model.classify([path], top_k=3)) for path in files]  # one file: decoded in this thread
+    threaded = list(model.classify(files, top_k=3, batch_size=3, workers=4))
+    alone = [next(model.classify([path], top_k=3)) for path in files]  # one file: no threads
     assert [r.file for r in threaded] == [str(p) for p in files]
     assert sum(isinstance(r, Failure) for r in threaded) == 4
     for got, want in zip(threaded, alone):
