@@ -110,8 +110,8 @@ class ExportedModel:
                  workers: int | None = None) -> Iterator[Prediction | Failure]:
         """One result per file, in order; unreadable files become Failures and do not stop the rest.
 
-        Batches are classified side by side, `workers` at a time (default: one per core for each
-        onnxruntime thread a batch gets). While one worker decodes its batch the others run the model:
+        Batches are classified side by side, `workers` at a time (default: usable cores divided by the
+        onnxruntime threads of one batch). While one worker decodes its batch the others run the model:
         Pillow and onnxruntime both release Python's lock, and no core waits for another's share of a
         batch. Every batch goes through `classify_batch`, so the results equal one-by-one classification.
         """
@@ -119,10 +119,11 @@ class ExportedModel:
         if len(files) <= 1:  # one photo: starting threads would only lengthen the cold start
             yield from (result for batch in batches for result in self.classify_batch(batch, top_k))
             return
-        workers = workers or max(1, (os.cpu_count() or 1) // self.session_threads)
+        workers = workers or max(1, _usable_cores() // self.session_threads)
         yield from _in_order(self.classify_batch, batches, top_k, workers)
 
     def classify_batch(self, files: list[Path], top_k: int = 3) -> list[Prediction | Failure]:
+        """The files decoded one after another in this thread, then one run of the model."""
         decoded = [self.decode(path) for path in files]
         pixels = [item for item in decoded if not isinstance(item, Failure)]
         rows = iter(self.probabilities(np.stack(pixels)) if pixels else ())
@@ -141,6 +142,11 @@ class ExportedModel:
         names = self.info.class_names
         return Prediction(file, names[order[0]], float(probs[order[0]]),
                           [(names[j], float(probs[j])) for j in order])
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _in_order(classify_batch, batches: list[list[Path]], top_k: int,
