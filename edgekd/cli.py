@@ -148,7 +148,8 @@ def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, 
     try:
         summary = run(recipe, mode, root, resume=resume, callbacks=_progress_callbacks(quiet))
     except KeyboardInterrupt:
-        click.echo(f"\ninterrupted; finished epochs are saved. Continue with: "
+        click.echo(f"\ninterrupted; the newest training state is saved (epoch ends and every "
+                   f"train.checkpoint_seconds). Continue with: "
                    f"edgekd {mode} {recipe_path} --resume", err=True)
         sys.exit(130)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
@@ -232,18 +233,26 @@ def _newest_run(artifacts, mode: str | None = None) -> Path:
               help="How int8 activation ranges are set: observed extremes, 99.99th percentile, or entropy "
                    "[recipe: minmax].")
 @click.option("--keep-float", multiple=True, type=click.Choice(["stem", "classifier"]),
-              help="Leave these sensitive layers in float in the int8 graph (repeatable) [recipe: none].")
+              help="Start the int8 and fp8 graphs with these layers in float (repeatable) [recipe: none].")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None,
+              help="The int8/fp8 gate: largest accuracy drop (points) on held-out images [recipe: 0.5].")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="The int8/fp8 gate: smallest top-1 agreement with PyTorch [recipe: 0.99].")
+@click.option("--max-float-layers", type=click.IntRange(min=0), default=None,
+              help="Most layers the search may keep in float to meet the gate [default: a third of them].")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
               help="Dataset root, if it moved since training.")
 @click.option("--artifacts", type=click.Path(file_okay=False), default=None,
               help="Where runs live, to find the newest distilled one.")
-def export(target, fp16, int8, fp8, all_, out, calibration_images, calibration_method, keep_float, data_root,
-           artifacts) -> None:
+def export(target, fp16, int8, fp8, all_, out, calibration_images, calibration_method, keep_float, max_drop,
+           min_agreement, max_float_layers, data_root, artifacts) -> None:
     """Export a run or checkpoint to ONNX: fp32 always, plus --fp16, --int8, --fp8 or --all.
 
     TARGET is a run folder or a .pt file; without it, the newest distilled run under artifacts/.
     Each file is self-contained (weights inside, dynamic batch) and self-describing (classes, input
-    size, mean/std, precision in its metadata).
+    size, mean/std, precision in its metadata). An int8 or fp8 file that misses the validate gate on
+    held-out images keeps its most sensitive layers in float until it meets it; if none does, it is not
+    written and the command fails.
     """
     from edgekd.export import PRECISIONS, ExportPlan, export_checkpoint
     from edgekd.train.checkpoint import resolve_checkpoint
@@ -252,12 +261,15 @@ def export(target, fp16, int8, fp8, all_, out, calibration_images, calibration_m
     wanted = [p for p, flag in zip(PRECISIONS, (True, fp16, int8, fp8)) if flag or all_]
     out_dir = Path(out) if out else checkpoint.parent / "exports"
     results = export_checkpoint(ExportPlan(checkpoint, wanted, out_dir, calibration_images,
-                                           list(keep_float) or None, data_root, calibration_method))
+                                           list(keep_float) or None, data_root, calibration_method, max_drop,
+                                           min_agreement, max_float_layers))
     fp32_size = results[0].size_bytes
-    click.echo(f"\n{'file':<40} {'precision':<9} {'MB':>8} {'x fp32':>7} {'max|dlogit|':>12} {'top-1 agree':>12}")
+    click.echo(f"\n{'file':<40} {'precision':<9} {'MB':>8} {'x fp32':>7} {'max|dlogit|':>12} {'top-1 agree':>12} "
+               f"float layers")
     for r in results:
+        floats = ", ".join(r.float_layers) if r.float_layers else ("none" if r.precision in ("int8", "fp8") else "")
         click.echo(f"{r.path.name!s:<40} {r.precision:<9} {r.size_bytes / 1e6:>8.2f} "
-                   f"{r.size_bytes / fp32_size:>7.2f} {r.max_abs_logit_diff:>12.2e} {r.agreement:>12.2%}")
+                   f"{r.size_bytes / fp32_size:>7.2f} {r.max_abs_logit_diff:>12.2e} {r.agreement:>12.2%} {floats}")
     click.echo(f"\nwritten   {out_dir} (compared with PyTorch fp32 on real validation images)")
 
 
@@ -273,9 +285,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 def _provider_list(ctx, param, value: str) -> list[str]:
     providers = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [p for p in providers if p not in ("cpu", "cuda", "tensorrt")]
+    unknown = [p for p in providers if p not in ("cpu", "cuda", "tensorrt", "openvino")]
     if unknown or not providers:
-        raise click.BadParameter(f"{value!r}: choose from cpu, cuda, tensorrt (comma-separated)")
+        raise click.BadParameter(f"{value!r}: choose from cpu, cuda, tensorrt, openvino (comma-separated)")
     return providers
 
 
@@ -283,8 +295,9 @@ def _provider_list(ctx, param, value: str) -> list[str]:
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["test", "val"]), default=None,
               help="Split to measure accuracy on [default: test when the dataset has one, else val].")
-@click.option("--providers", default="cpu,cuda,tensorrt", show_default=True, callback=_provider_list,
-              help="onnxruntime providers; those missing here are listed as skipped.")
+@click.option("--providers", default="cpu,cuda,tensorrt,openvino", show_default=True, callback=_provider_list,
+              help="onnxruntime providers, and openvino (OpenVINO's CPU device); those missing here are "
+                   "listed as skipped with the reason.")
 @click.option("--batch", "batch_sizes", default="1,32", show_default=True, callback=_int_list,
               help="Batch sizes to time.")
 @click.option("--max-drop", type=click.FloatRange(min=0), default=None,

@@ -84,3 +84,30 @@ def test_classify_help_lists_its_options(runner):
     assert result.exit_code == 0
     for option in ("--model", "--top-k", "--json", "--provider", "--threads", "--batch-size"):
         assert option in result.output
+
+
+def test_export_passes_the_gate_and_search_options_through(runner, tmp_path, monkeypatch):
+    import edgekd.export as export_module
+
+    seen = []
+
+    def fake_export(plan):
+        seen.append(plan)
+        return [export_module.ExportedFile("fp32", tmp_path / "m.fp32.onnx", 1000, 0.0, 1.0),
+                export_module.ExportedFile("int8", tmp_path / "m.int8.onnx", 300, 0.1, 0.996, ["net.stem.0"])]
+
+    monkeypatch.setattr(export_module, "export_checkpoint", fake_export)
+    (tmp_path / "best.pt").write_bytes(b"")
+    result = runner.invoke(cli, ["export", str(tmp_path / "best.pt"), "--int8", "--max-drop", "0.3",
+                                 "--min-agreement", "0.995", "--max-float-layers", "4", "--keep-float", "stem"])
+    assert result.exit_code == 0, result.output
+    assert "net.stem.0" in result.output  # the layers kept in float are listed
+    plan = seen[0]
+    assert (plan.max_drop_pts, plan.min_agreement, plan.max_float_layers, plan.keep_float) == (0.3, 0.995, 4,
+                                                                                              ["stem"])
+
+
+def test_validate_offers_openvino_and_names_it_when_a_provider_is_wrong(runner, tmp_path):
+    result = runner.invoke(cli, ["validate", str(tmp_path), "--providers", "cpu,openvinno"])
+    assert result.exit_code == 2 and "choose from cpu, cuda, tensorrt, openvino" in result.output
+    assert "openvino" in runner.invoke(cli, ["validate", "--help"]).output
