@@ -67,6 +67,7 @@ def _progress_callbacks(quiet: bool):
 
     class Printer(Callbacks):
         bar = None
+        resumed_batches = 0
 
         def on_start(self, info: dict) -> None:
             precision = info["precision"]
@@ -86,7 +87,14 @@ def _progress_callbacks(quiet: bool):
                 d = info["distributed"]
                 click.echo(f"processes {d['world_size']} ({d['backend']}, {d['processes_per_node']} per node; "
                            f"train.batch_size is the global batch)")
-            if info["resumed_from_epoch"] is not None:
+            fill = info.get("teacher_views_fill")
+            if fill:
+                click.echo(f"views     teacher ran on {fill['views']:,} views in {fill['seconds']:.0f} s "
+                           f"({fill['forward']}, the fastest here)")
+            self.resumed_batches = info.get("resumed_at_batch") or 0
+            if self.resumed_batches:
+                click.echo(f"resuming  epoch {info['resumed_from_epoch'] + 1} at batch {self.resumed_batches}")
+            elif info["resumed_from_epoch"] is not None:
                 click.echo(f"resuming  after epoch {info['resumed_from_epoch']}")
 
         def on_epoch_start(self, epoch: int, epochs: int, batches: int) -> None:
@@ -94,6 +102,8 @@ def _progress_callbacks(quiet: bool):
                 self.bar = click.progressbar(length=batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
                                              item_show_func=lambda loss: f"loss {loss:.4f}" if loss else "")
                 self.bar.__enter__()
+                self.bar.update(self.resumed_batches)  # the batches a resumed epoch had done before
+            self.resumed_batches = 0
 
         def on_batch(self, images: int, loss: float) -> None:
             if self.bar is not None:
