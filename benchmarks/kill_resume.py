@@ -120,7 +120,7 @@ def landing(run_dir: Path, claimed: float | None, killed: float) -> tuple[str, f
 def saving_cost(args, work: Path) -> dict:
     """Epoch time with and without mid-epoch saves, interleaved, and the saves' own seconds."""
     times: dict[str, list[float]] = {"none": [], "every": []}
-    spent = []
+    spent, per_save = [], []
     for repeat in range(args.cost_repeats):
         for label, value in (("none", "null"), ("every", str(args.checkpoint_seconds))):
             name = f"cost_{label}_{repeat}"
@@ -130,8 +130,9 @@ def saving_cost(args, work: Path) -> dict:
             if label == "every":
                 summary = json.loads((work / name / "run" / "summary.json").read_text())
                 spent.append(summary["checkpointing"]["seconds"] / times[label][-1])
+                per_save.append(summary["checkpointing"]["seconds"] / max(1, summary["checkpointing"]["mid_epoch_saves"]))
     return {"none": statistics.median(times["none"]), "every": statistics.median(times["every"]),
-            "saves_share": statistics.median(spent)}
+            "saves_share": statistics.median(spent), "per_save": statistics.median(per_save)}
 
 
 def main() -> None:
@@ -194,7 +195,8 @@ def table(args, wall: float, rows: list[dict], cost: dict, step: float) -> str:
               f"training seconds for {args.epochs} epochs, median of {args.cost_repeats}: no mid-epoch saves "
               f"{cost['none']:.2f}, saves every {args.checkpoint_seconds:g} s {cost['every']:.2f} "
               f"(ratio {cost['every'] / cost['none']:.3f}); the saves themselves: "
-              f"{100 * cost['saves_share']:.2f}% of training time"]
+              f"{100 * cost['saves_share']:.2f}% of training time, {cost['per_save']:.3f} s per save, so "
+              f"{100 * cost['per_save'] / 60:.2f}% at the default interval of 60 s"]
     return "\n".join(lines)
 
 
