@@ -17,7 +17,7 @@ echo "== 3/6 evaluate the student on Fashion-MNIST's test split =="
 echo "== 4/6 export the student to ONNX: fp32 and int8 =="
 "$edgekd" export --int8
 echo "== 5/6 validate both files against PyTorch: accuracy, agreement, latency (a gate) =="
-"$edgekd" validate --providers cpu --latency-seconds 1
+"$edgekd" validate --providers cpu,openvino --latency-seconds 1
 echo "== 6/6 classify real test photos with the int8 file (onnxruntime, no torch) =="
 photos=artifacts/demo-photos
 "$venv/bin/python" scripts/fashion_mnist_photos.py "$photos"
