@@ -1,6 +1,6 @@
 """Does distillation pay? The fine-tuned pretrained teacher, students with and without it, unlabeled photos.
 
-One command, resumable (a finished run is kept, an interrupted one continues from its last.pt):
+One command, resumable (a finished run is kept, an interrupted one continues from its newest saved state):
 
     python benchmarks/pretrained_kd.py --data DEST --artifacts /path/to/runs
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -83,12 +82,10 @@ def run_one(args, row: Row, seed: int) -> dict:
         overrides += [f"train.epochs={args.epochs}", f"precision={args.precision}"]
     if row.command == "distill":
         overrides.append(f"teacher.checkpoint={teacher}")
+    # --resume continues an interrupted run from its newest saved state (mid-epoch included), restarts one
+    # killed before its first save in its own folder, and starts the run when there is none
     cmd = [sys.executable, "-m", "edgekd", "-q", row.command, str(REPO / "recipes" / row.recipe),
-           "--artifacts", str(args.artifacts)]
-    if summary and (args.artifacts / name / "last.pt").is_file():  # an interrupted run continues
-        cmd.append("--resume")
-    elif summary:  # interrupted before its first epoch ended: nothing to keep
-        shutil.rmtree(args.artifacts / name)
+           "--artifacts", str(args.artifacts), "--resume"]
     for item in overrides:
         cmd += ["--set", item]
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
