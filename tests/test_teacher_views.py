@@ -268,3 +268,22 @@ def test_a_distillation_run_says_which_teacher_forward_filled_its_views(tmp_path
     summary = run(recipe, "distill", tmp_path / "artifacts")
     fill = summary["teacher_views_fill"]
     assert fill["forward"] == "onnxruntime fp32 (CPU)" and fill["views"] > 0 and fill["seconds"] > 0
+
+
+def test_a_forward_pass_this_machine_cannot_take_is_skipped_with_the_reason(teacher, tmp_path, monkeypatch, caplog):
+    from edgekd.train import teacher_forward
+    from edgekd.train.checkpoint import load_model
+
+    model, meta = load_model(teacher)
+    real = teacher_forward.candidates
+
+    def with_a_broken_one(*args, **kwargs):
+        def broken():
+            raise RuntimeError("no such kernel")
+        return {**real(*args, **kwargs), "broken path": broken}
+
+    monkeypatch.setattr(teacher_forward, "candidates", with_a_broken_one)
+    with caplog.at_level(logging.INFO):
+        chosen = teacher_forward.fastest_forward(model, {**meta, "sha256": "0" * 64}, torch.device("cpu"),
+                                                 torch.rand(4, 3, 32, 32) * 255, tmp_path, choice="torch")
+    assert chosen.name != "broken path" and "broken path unavailable (RuntimeError: no such kernel)" in caplog.text
