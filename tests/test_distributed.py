@@ -73,3 +73,18 @@ def test_an_uneven_global_batch_is_refused(tmp_path, teacher_recipe):
                "-m", "edgekd", "train", str(teacher_recipe), "--set", "train.batch_size=7"]
     done = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "does not split evenly over 2 processes" in done.stderr
+
+
+def test_mid_epoch_saves_under_ddp_are_collective_and_change_nothing(tmp_path, teacher_recipe):
+    """Every rank joins each mid-epoch save (no deadlock), the saved sums cover both ranks, and saving
+    after every batch leaves the run's metrics exactly as without."""
+    args = ["train", str(teacher_recipe), "--set", "train.epochs=2"]
+    _torchrun(tmp_path / "plain", *args, "--set", "train.checkpoint_seconds=null")
+    _torchrun(tmp_path / "saving", *args, "--set", "train.checkpoint_seconds=1e-6")
+    timing = {"seconds", "train_seconds", "images_per_s"}
+    records = {name: [{k: v for k, v in r.items() if k not in timing}
+                      for r in MetricsLog(tmp_path / name / "ddp" / "tiny_teacher" / "metrics.jsonl").read()]
+               for name in ("plain", "saving")}
+    assert records["saving"] == records["plain"]
+    summary = json.loads((tmp_path / "saving" / "ddp" / "tiny_teacher" / "summary.json").read_text())
+    assert summary["checkpointing"]["mid_epoch_saves"] >= 6  # 4 batches an epoch: a save after each

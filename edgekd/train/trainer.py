@@ -318,19 +318,30 @@ class Trainer:
 
     def _take_resume_point(self, epoch: int) -> EpochProgress:
         point, self.resume_point = self.resume_point, None
-        return point if point is not None and point.epoch == epoch else EpochProgress(epoch)
+        if point is None or point.epoch != epoch:
+            return EpochProgress(epoch)
+        if not self.dist.main:  # the saved sums are every rank's together: rank 0 carries them on
+            return EpochProgress(epoch, point.next_batch, train_seconds=point.train_seconds)
+        return point
 
     def _save_due(self, seconds_ahead: float) -> bool:
         """Whether to save now: early enough that the work ahead (the next step, or the validation) and the
         save itself still end within train.checkpoint_seconds of the last save, so a kill at any moment
         loses less than that."""
         interval = self.recipe.train.checkpoint_seconds
-        if interval is None or not self.dist.main:  # rank 0's state is the run's (DDP keeps ranks equal)
+        if interval is None:
             return False
-        return time.monotonic() - self.last_save + seconds_ahead + self.save_seconds >= interval
+        due = time.monotonic() - self.last_save + seconds_ahead + self.save_seconds >= interval
+        return self.dist.broadcast(due)  # under DDP rank 0's clock decides, so every rank joins the save
 
     def _save_mid_epoch(self, progress: EpochProgress) -> None:
         started = time.monotonic()
+        if self.dist.active:  # the epoch's sums so far, over every rank; rank 0's state is the run's
+            sums = self.dist.sum(progress.total_loss, progress.correct, progress.labelled, progress.seen)
+            progress = dataclasses.replace(progress, **dict(zip(("total_loss", "correct", "labelled", "seen"), sums)))
+            if not self.dist.main:
+                self._record_save(progress.epoch, progress.next_batch, started)
+                return
         with interrupts_deferred():
             save_checkpoint(self.run_dir / "last.pt", self._payload(with_train_state=True, progress=progress))
             self._record_save(progress.epoch, progress.next_batch, started)
