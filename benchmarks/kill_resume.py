@@ -108,8 +108,8 @@ def kill_once(args, work: Path, name: str, moment: float) -> dict:
 def landing(run_dir: Path, claimed: float | None, killed: float) -> tuple[str, float]:
     last = run_dir / "last.pt"
     if last.is_file():
-        progress = torch.load(last, weights_only=True)["train_state"].get("epoch_progress")
-        epoch = torch.load(last, weights_only=True)["epoch"]
+        state = torch.load(last, weights_only=True)
+        progress, epoch = state["train_state"].get("epoch_progress"), state["epoch"]
         saved = f"epoch {progress['epoch']} batch {progress['next_batch']}" if progress else f"end of epoch {epoch}"
         return f"after a save at {saved}", killed - last.stat().st_mtime
     if claimed is not None:

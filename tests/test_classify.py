@@ -108,28 +108,29 @@ def test_a_model_without_edgekd_metadata_is_refused_clearly(model_file, photos, 
     assert result.exit_code == 1 and "cannot load it" in result.output and "Traceback" not in result.output
 
 
-def test_classify_runs_with_torch_unimportable(model_file, photos):
-    script = ("import sys; sys.modules['torch'] = None\n"
-              "from edgekd.cli import main\n"
-              f"sys.argv = ['edgekd', 'classify', '--model', {str(model_file)!r}, {str(photos[0])!r}]\n"
-              "try:\n    main()\nfinally:\n"
-              "    heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')]\n"
-              "    print('HEAVY', heavy, file=sys.stderr)\n")
+def _classify_in_a_fresh_process(model_file, photo, prelude: str, report: str) -> subprocess.CompletedProcess:
+    """`edgekd classify` in a new interpreter after `prelude`; `report` is printed to stderr at its end."""
+    script = (f"import json, sys\n{prelude}from edgekd.cli import main\n"
+              f"sys.argv = ['edgekd', 'classify', '--model', {str(model_file)!r}, {str(photo)!r}]\n"
+              f"try:\n    main()\nfinally:\n    print({report}, file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_classify_runs_with_torch_unimportable(model_file, photos):
+    done = _classify_in_a_fresh_process(
+        model_file, photos[0], "sys.modules['torch'] = None\n",
+        "'HEAVY', [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnx')]")
     assert len(done.stdout.splitlines()) == 7
     assert "HEAVY ['torch']" in done.stderr  # only our blocker: nothing imported torch, torchvision or onnx
 
 
 def test_classify_imports_no_training_stack(model_file, photos):
-    photo = photos[0] / "rgb.jpg"
-    script = ("import json, sys\nfrom edgekd.cli import main\n"
-              f"sys.argv = ['edgekd', 'classify', '--model', {str(model_file)!r}, {str(photo)!r}]\n"
-              "try:\n    main()\nfinally:\n"
-              "    print('MODULES', json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-              "('edgekd', 'torch', 'yaml', 'onnx'))), file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = _classify_in_a_fresh_process(
+        model_file, photos[0] / "rgb.jpg", "",
+        "'MODULES', json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('edgekd', 'torch', 'yaml', 'onnx')))")
     modules = json.loads(done.stderr.split("MODULES ")[-1])
     assert set(modules) <= {"edgekd", "edgekd.cli", "edgekd.errors", "edgekd.classify", "edgekd.runtime",
                             "edgekd.runtime.model_info", "edgekd.runtime.preprocess", "edgekd.runtime.session"}
