@@ -172,8 +172,9 @@ class DistillConfig:
     # Seeds the drawing of those views (not train.seed, so students of every seed share one fill).
     teacher_views_seed: int = 0
     # How the teacher runs while filling those views: auto measures PyTorch (fp32; bf16 where the CPU has
-    # bf16 instructions; fp16 on CUDA) and onnxruntime on its fp32 export, and takes the fastest.
-    teacher_forward: str = field(default="auto", metadata=_choices("auto", "torch", "onnxruntime"))
+    # bf16 instructions; fp16 on CUDA), onnxruntime on its fp32 export and OpenVINO bf16 on that file (where
+    # the CPU has bf16 instructions and openvino is installed), and takes the fastest.
+    teacher_forward: str = field(default="auto", metadata=_choices("auto", "torch", "onnxruntime", "openvino"))
 
 
 @dataclass

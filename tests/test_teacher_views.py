@@ -244,6 +244,25 @@ def test_bf16_is_offered_for_the_teacher_only_where_the_cpu_has_it(teacher, monk
         assert "onnxruntime fp32 (CPU)" in names and "torch fp32 (CPU, channels-last)" in names
 
 
+def test_openvino_bf16_runs_the_teachers_export_and_matches_torch(teacher, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from edgekd.train import teacher_forward
+    from edgekd.train.checkpoint import file_sha256, load_model
+
+    model, meta = load_model(teacher)
+    meta["sha256"] = file_sha256(teacher)
+    monkeypatch.setattr(teacher_forward, "cpu_has_native_bf16", lambda: True)
+    via_openvino = teacher_forward.fastest_forward(model, meta, torch.device("cpu"), torch.rand(4, 3, 32, 32) * 255,
+                                                   tmp_path, choice="openvino")
+    assert via_openvino.name == "openvino bf16 (CPU, native bf16)"
+    for batch in (8, 3):  # any batch size: a fill's last chunk is smaller than the others
+        probe = torch.rand(batch, 3, 32, 32) * 255
+        expected = teacher_forward._torch_forward(model, torch.device("cpu"), None)(probe)
+        got = via_openvino.run(probe)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert (got - expected).abs().max() <= 0.02 * expected.abs().max() + 0.02  # bf16 keeps 8 bits of mantissa
+
+
 def test_the_fastest_teacher_forward_is_measured_and_onnxruntime_matches_torch(teacher, tmp_path, caplog):
     from edgekd.train.checkpoint import file_sha256, load_model
     from edgekd.train.teacher_forward import _torch_forward, fastest_forward

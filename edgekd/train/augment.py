@@ -81,15 +81,18 @@ def _geometry(x: Tensor, theta: Tensor) -> Tensor:
 
 
 def _color(pixels: Tensor, factors: Tensor) -> Tensor:
+    """Brightness b, then contrast c about the mean grey, then saturation s about each pixel's grey.
+
+    The three steps collapse into one affine map, because grey weights sum to 1 (grey is linear and
+    grey(const) = const): out = s·c·b·x + (1−s)·c·b·grey(x) + (1−c)·b·mean(grey(x)). One pass instead of
+    seven: colour was three quarters of rendering a 150 px view (610 against 1450 views/s for the crop)."""
     n = pixels.shape[0]
     brightness, contrast, saturation = (factors[:, i].to(pixels.device).view(n, 1, 1, 1) for i in range(3))
     rgb_to_gray = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
-    x = pixels * brightness
-    mean = (x * rgb_to_gray).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean
-    gray = (x * rgb_to_gray).sum(1, keepdim=True)
-    x = (x - gray) * saturation + gray
-    return x.clamp(0, 255)
+    gray = (pixels * rgb_to_gray).sum(1, keepdim=True)
+    scale = saturation * contrast * brightness
+    offset = (1 - contrast) * brightness * gray.mean((2, 3), keepdim=True)
+    return torch.addcmul(gray * ((1 - saturation) * contrast * brightness) + offset, pixels, scale).clamp_(0, 255)
 
 
 def render_views(pixels: Tensor, views: Views, config: AugmentConfig, size: int | None = None) -> Tensor:
