@@ -29,10 +29,11 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from timed_run import run_timed, wall_seconds_file  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "intel_8block_lite0.yaml"
@@ -67,7 +68,7 @@ def _save_state(artifacts: Path, state: dict) -> None:
 def edgekd_row(args, state: dict, key: str, seed: int) -> dict:
     name = f"{key}_s{seed}"
     folder = args.artifacts / name
-    summary_path, wall_path = folder / "summary.json", folder / "wall_seconds.json"
+    summary_path, wall_path = folder / "summary.json", wall_seconds_file(folder)
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if not summary or summary["status"] not in DONE:
         _, command, extra = ROWS[key]
@@ -79,14 +80,7 @@ def edgekd_row(args, state: dict, key: str, seed: int) -> dict:
                "--resume"]
         for item in overrides:
             cmd += ["--set", item]
-        print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
-        start = time.time()
-        try:
-            subprocess.run(cmd, check=True)
-        finally:
-            if folder.is_dir():
-                before = json.loads(wall_path.read_text())["seconds"] if wall_path.is_file() else 0.0
-                wall_path.write_text(json.dumps({"seconds": before + time.time() - start}))
+        run_timed(cmd, folder, name)
         summary = json.loads(summary_path.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     fill = summary.get("teacher_views_fill") or {}
@@ -161,7 +155,7 @@ def plain_loop(args, seed: int) -> dict:
             "best_val_acc": max(accuracies), "fill_seconds": None, "fill_views": None, "fill_forward": None}
 
 
-def _row_costs(key: str, runs: list[dict], epochs: int, projected_epochs: int) -> dict:
+def _row_costs(runs: list[dict], projected_epochs: int) -> dict:
     """Seconds of a run with the fill included (the first seed's fill, paid once per K), and projected."""
     fills = [r["fill_seconds"] for r in runs if r["fill_seconds"]]
     fill = fills[0] if fills else 0.0
@@ -179,7 +173,7 @@ def _accuracy(values: list[float]) -> str:
 
 
 def table(args, results: dict[str, list[dict]]) -> str:
-    costs = {key: _row_costs(key, runs, args.epochs, args.project) for key, runs in results.items()}
+    costs = {key: _row_costs(runs, args.project) for key, runs in results.items()}
     floor, plain = costs.get("no_teacher"), costs.get("plain")
     lines = [f"{args.epochs} epochs, 8-block student at 64 px ({args.precision}), teacher {args.teacher} at 150 px, "
              f"full seg_train (val: 10% held out); accuracy: last epoch, mean ± half-range over seeds",

@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from timed_run import run_timed, wall_seconds_file  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 DONE = {"finished", "early_stopped"}
@@ -67,10 +67,6 @@ def summary_of(artifacts: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _wall_file(artifacts: Path, name: str) -> Path:
-    return artifacts / name / "wall_seconds.json"
-
-
 def run_one(args, row: Row, seed: int) -> dict:
     name = f"{row.key}_s{seed}"
     summary = summary_of(args.artifacts, name)
@@ -88,15 +84,7 @@ def run_one(args, row: Row, seed: int) -> dict:
            "--artifacts", str(args.artifacts), "--resume"]
     for item in overrides:
         cmd += ["--set", item]
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
-    start = time.time()
-    try:
-        subprocess.run(cmd, check=True)
-    finally:
-        wall = _wall_file(args.artifacts, name)
-        if wall.parent.is_dir():
-            before = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
-            wall.write_text(json.dumps({"seconds": before + time.time() - start}))
+    run_timed(cmd, args.artifacts / name, f"{name}: {' '.join(cmd[3:])}")
     return summary_of(args.artifacts, name)
 
 
@@ -109,7 +97,7 @@ def spread(values: list[float]) -> str:
 def result(args, name: str) -> dict:
     summary = summary_of(args.artifacts, name)
     records = [json.loads(line) for line in (args.artifacts / name / "metrics.jsonl").read_text().splitlines()]
-    wall = _wall_file(args.artifacts, name)
+    wall = wall_seconds_file(args.artifacts / name)
     return {"run": name, "last_val_acc": records[-1]["val_acc"], "best_val_acc": summary["best_val_acc"],
             "epochs": summary["epochs_done"], "precision": summary["precision"]["mode"],
             "train_images": summary["dataset"]["sizes"]["train"], "unlabeled": summary["dataset"].get("unlabeled"),

@@ -75,15 +75,9 @@ def _onnxruntime_forward(model: torch.nn.Module, image_size: int, sha256: str, f
 
 
 def _openvino_forward(model: torch.nn.Module, image_size: int, sha256: str, folder: Path) -> Forward:
-    import openvino as ov
+    from edgekd.runtime.openvino_cpu import compile_for_cpu
 
-    core = ov.Core()
-    graph = core.read_model(_fp32_export(model, image_size, sha256, folder))
-    shape = graph.input(0).get_partial_shape()
-    shape[0] = ov.Dimension()  # any batch: the fill's last chunk is smaller
-    graph.reshape({graph.input(0): shape})
-    compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
-                                                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    compiled = compile_for_cpu(_fp32_export(model, image_size, sha256, folder), torch.get_num_threads(), "bf16")
     request = compiled.create_infer_request()
 
     def run(views: torch.Tensor) -> torch.Tensor:
@@ -104,6 +98,7 @@ def candidates(model: torch.nn.Module, meta: dict, device: torch.device, folder:
         offered["torch fp32 (CPU, channels-last)"] = lambda: _torch_forward(model, device, None)
         if cpu_has_native_bf16():  # never offered where bf16 is emulated: it is slower than fp32 there
             offered["torch bf16 autocast (CPU, native bf16)"] = lambda: _torch_forward(model, device, torch.bfloat16)
+
     def on_export(build: Callable[..., Forward]) -> Callable[[], Forward]:
         return lambda: build(model, meta["image_size"], meta["sha256"], folder)
 

@@ -89,24 +89,12 @@ def _onnx_runner(variant: Variant, threads: int):
     return run, {"threads": session.get_session_options().intra_op_num_threads}
 
 
-def _with_any_batch(model, ov) -> None:
-    """A file exported for one batch size is reshaped so that every timed batch size runs."""
-    shape = model.input(0).get_partial_shape()
-    if shape[0].is_static:
-        shape[0] = ov.Dimension()
-        model.reshape({model.input(0): shape})
-
-
 def _openvino_runner(variant: Variant, threads: int):
-    import openvino as ov
+    from edgekd.runtime.openvino_cpu import compile_for_cpu
 
-    core = ov.Core()
-    model = core.read_model(variant.path)
-    _with_any_batch(model, ov)
     # f32: on CPUs with AVX512-BF16/AMX the CPU plugin would otherwise run float math in bf16, so the row would
     # measure a silent downcast rather than the file (its int8/fp8 quantisation and fp16 weights are kept).
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
-                                                 "PERFORMANCE_HINT": "LATENCY"})
+    compiled = compile_for_cpu(variant.path, threads, "f32")
     request = compiled.create_infer_request()
 
     def run(pixels: np.ndarray) -> np.ndarray:
