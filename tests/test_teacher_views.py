@@ -306,3 +306,14 @@ def test_a_forward_pass_this_machine_cannot_take_is_skipped_with_the_reason(teac
         chosen = teacher_forward.fastest_forward(model, {**meta, "sha256": "0" * 64}, torch.device("cpu"),
                                                  torch.rand(4, 3, 32, 32) * 255, tmp_path, choice="torch")
     assert chosen.name != "broken path" and "broken path unavailable (RuntimeError: no such kernel)" in caplog.text
+
+
+def test_the_teacher_is_warned_about_only_when_it_sees_the_students_views_blown_up():
+    from edgekd.train.teacher import resolution_note
+
+    level, message = resolution_note(teacher_size=150, render_size=64, student_size=64)
+    assert level == logging.WARNING and "augment.render_size: 150" in message
+    # a 224 px teacher of 150 px photos: views cut at 150 px and resized lose nothing, so only a note
+    level, message = resolution_note(teacher_size=224, render_size=150, student_size=64)
+    assert level == logging.INFO and "larger than 150px" in message
+    assert resolution_note(teacher_size=150, render_size=150, student_size=64) is None

@@ -155,8 +155,23 @@ def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: 
                  "(distill.teacher_views: K stores K views per photo and runs the teacher once per view)")
     else:
         log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
-    if recipe.augment.active and meta["image_size"] != split.images.shape[1]:
-        log.warning("the teacher (%dpx) sees views rendered at %dpx, resized: set augment.render_size: %d so "
-                    "it sees them at its own resolution", meta["image_size"], split.images.shape[1],
-                    meta["image_size"])
+    if recipe.augment.active:
+        note = resolution_note(meta["image_size"], split.images.shape[1], dataset.image_size)
+        if note:
+            log.log(*note)
     return logits, views
+
+
+def resolution_note(teacher_size: int, render_size: int, student_size: int) -> tuple[int, str] | None:
+    """What to tell about the resolution the teacher's views are cut at: a warning when the teacher sees the
+    student's small views blown up, only a note when they are cut from photos decoded at another size
+    (rendering at the teacher's size is worth it only where the photos themselves are larger)."""
+    if teacher_size == render_size:
+        return None
+    if render_size == student_size and teacher_size > student_size:
+        return logging.WARNING, (f"the teacher ({teacher_size}px) sees the student's {student_size}px views blown up: "
+                                 f"set augment.render_size: {teacher_size} so each view is cut from the photo at the "
+                                 "teacher's resolution")
+    return logging.INFO, (f"the teacher ({teacher_size}px) sees views cut from the photos decoded at {render_size}px, "
+                          f"resized (augment.render_size: {teacher_size} cuts them at its own resolution, worth it "
+                          f"where the photos are larger than {render_size}px)")
