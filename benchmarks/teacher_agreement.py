@@ -1,0 +1,106 @@
+"""How far can a teacher on this val split go? Teachers alone and averaged, and the photos they all get wrong.
+
+    python benchmarks/teacher_agreement.py --data DEST --teachers RUN/best.pt ... [--students RUN/best.pt ...]
+
+Every checkpoint is evaluated on its own recipe's held-out val split (the same photos for every recipe
+with the same split_seed and val_fraction: checked), each at its own image size, in fp32. Prints:
+
+- each model's val accuracy;
+- every ensemble of two or more teachers (their softmax probabilities averaged);
+- the val photos every teacher gets wrong, how many of them all teachers give the same other class (for
+  this dataset these are mostly glacier/mountain and buildings/street photos whose label is disputable),
+  and the commonest (label, teacher's class) pairs;
+- for each student: its errors, how many fall on those photos, and its accuracy on the others.
+
+A student learns its teacher's answers; where every teacher disagrees with the label, distillation cannot
+be expected to win points, which bounds what it can add over a student trained alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from edgekd.evaluate import predict
+from edgekd.train.checkpoint import checkpoint_dataset, load_model
+
+
+def val_probabilities(path: Path, data: str | None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """Softmax probabilities and labels on the checkpoint's val split, the class names and the photos' ids."""
+    model, payload = load_model(path, "cpu")
+    _, dataset = checkpoint_dataset(payload, ("val",), data)
+    split = dataset.splits["val"]
+    entry = dataset.entries.get("val") or dataset.entries["train"]  # a held-out val lives in train's entry
+    with torch.inference_mode():
+        logits, labels = predict(model, split, 128, torch.device("cpu"))
+    return logits.softmax(1), labels, payload["class_names"], [entry.ids[row] for row in split.rows]
+
+
+def name_of(path: Path) -> str:
+    return path.parent.name if path.suffix == ".pt" else path.name
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(100 * float((probs.argmax(1) == labels).float().mean()), 2)
+
+
+def analyse(teachers: dict, students: dict, labels: torch.Tensor, classes: list[str]) -> dict:
+    ensembles = {"+".join(group): accuracy(sum(teachers[n] for n in group) / len(group), labels)
+                 for size in range(2, len(teachers) + 1) for group in itertools.combinations(teachers, size)}
+    answers = torch.stack([p.argmax(1) for p in teachers.values()])
+    all_wrong = (answers != labels).all(0)
+    unanimous = all_wrong & (answers == answers[0]).all(0)
+    pairs = collections.Counter((classes[int(y)], classes[int(a)]) for y, a in zip(labels[unanimous], answers[0][unanimous]))
+    result = {"photos": len(labels), "accuracy": {n: accuracy(p, labels) for n, p in {**teachers, **students}.items()},
+              "ensembles": ensembles, "all_teachers_wrong": int(all_wrong.sum()),
+              "all_teachers_wrong_same_class": int(unanimous.sum()),
+              "commonest": [[y, a, n] for (y, a), n in pairs.most_common(6)], "students": {}}
+    for name, probs in students.items():
+        wrong = probs.argmax(1) != labels
+        result["students"][name] = {"errors": int(wrong.sum()), "on_all_teachers_wrong": int((wrong & all_wrong).sum()),
+                                    "accuracy_elsewhere": round(100 * float(1 - wrong[~all_wrong].float().mean()), 2)}
+    return result
+
+
+def report(result: dict) -> str:
+    lines = [f"val photos: {result['photos']}", "", "| model | val acc % |", "|---|---|"]
+    lines += [f"| {n} | {a:.2f} |" for n, a in result["accuracy"].items()]
+    lines += [f"| ensemble {n} | {a:.2f} |" for n, a in result["ensembles"].items()]
+    share = 100 * result["all_teachers_wrong"] / result["photos"]
+    lines += ["", f"every teacher wrong: {result['all_teachers_wrong']} photos ({share:.1f}%), "
+              f"{result['all_teachers_wrong_same_class']} of them given the same other class by all",
+              "commonest (label -> teachers' class): " + ", ".join(f"{y} -> {a} {n}" for y, a, n in result["commonest"])]
+    for name, s in result["students"].items():
+        lines.append(f"student {name}: {s['errors']} errors, {s['on_all_teachers_wrong']} of them on those photos; "
+                     f"{s['accuracy_elsewhere']:.2f}% on the other photos")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", type=Path, nargs="+", required=True, help="teacher checkpoints (best.pt)")
+    parser.add_argument("--students", type=Path, nargs="*", default=[], help="student checkpoints to place")
+    parser.add_argument("--data", help="the dataset root, if it moved since training")
+    parser.add_argument("--out", type=Path, help="also write the result here as JSON")
+    args = parser.parse_args()
+    probs, labels, classes, photos = {}, None, None, None
+    for path in [*args.teachers, *args.students]:
+        probs[name_of(path)], labels, classes, these = val_probabilities(path, args.data)
+        if photos is not None and these != photos:
+            raise SystemExit(f"{path}: its val split holds other photos (another split_seed or val_fraction?)")
+        photos = these
+    teachers = {name_of(p): probs[name_of(p)] for p in args.teachers}
+    students = {name_of(p): probs[name_of(p)] for p in args.students}
+    result = analyse(teachers, students, labels, classes)
+    print(report(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
