@@ -98,11 +98,14 @@ def result(args, name: str) -> dict:
     summary = summary_of(args.artifacts, name)
     records = [json.loads(line) for line in (args.artifacts / name / "metrics.jsonl").read_text().splitlines()]
     wall = wall_seconds_file(args.artifacts / name)
+    in_epochs = sum(r["seconds"] for r in records)
+    timed = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+    # A run continued by hand, outside this script, had attempts its wall file never saw: never report
+    # less than the seconds its own epochs took.
     return {"run": name, "last_val_acc": records[-1]["val_acc"], "best_val_acc": summary["best_val_acc"],
             "epochs": summary["epochs_done"], "precision": summary["precision"]["mode"],
             "train_images": summary["dataset"]["sizes"]["train"], "unlabeled": summary["dataset"].get("unlabeled"),
-            "wall_seconds": json.loads(wall.read_text())["seconds"] if wall.is_file() else None,
-            "seconds_in_epochs": sum(r["seconds"] for r in records)}
+            "wall_seconds": max(timed, in_epochs), "seconds_in_epochs": in_epochs}
 
 
 def table(args, results: dict[str, list[dict]]) -> str:
@@ -119,7 +122,7 @@ def table(args, results: dict[str, list[dict]]) -> str:
         if row.baseline and results.get(row.baseline):
             base = statistics.mean(r["last_val_acc"] for r in results[row.baseline])
             gain = f"{100 * (statistics.mean(last) - base):+.2f}"
-        walls = [r["wall_seconds"] or r["seconds_in_epochs"] for r in runs]
+        walls = [r["wall_seconds"] for r in runs]
         photos = f"{runs[0]['train_images']}" + (f" ({runs[0]['unlabeled']})" if runs[0]["unlabeled"] else "")
         lines.append(f"| {row.label} | {len(runs)} | {photos} | {spread(last)} | "
                      f"{spread([r['best_val_acc'] for r in runs])} | {gain} | "
