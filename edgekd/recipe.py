@@ -173,7 +173,9 @@ class DistillConfig:
     teacher_views_seed: int = 0
     # How the teacher runs while filling those views: auto measures PyTorch (fp32; bf16 where the CPU has
     # bf16 instructions; fp16 on CUDA), onnxruntime on its fp32 export and OpenVINO bf16 on that file (where
-    # the CPU has bf16 instructions and openvino is installed), and takes the fastest.
+    # the CPU has bf16 instructions and openvino is installed), and takes the fastest. The choice is timed,
+    # so two fills of the same views (a new cache, another machine) may differ in precision; onnxruntime
+    # (one fp32 path) makes them repeat exactly. A fill shared through the cache is read, never redone.
     teacher_forward: str = field(default="auto", metadata=_choices("auto", "torch", "onnxruntime", "openvino"))
 
 
