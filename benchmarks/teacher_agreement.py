@@ -55,7 +55,8 @@ def analyse(teachers: dict, students: dict, labels: torch.Tensor, classes: list[
     answers = torch.stack([p.argmax(1) for p in teachers.values()])
     all_wrong = (answers != labels).all(0)
     unanimous = all_wrong & (answers == answers[0]).all(0)
-    pairs = collections.Counter((classes[int(y)], classes[int(a)]) for y, a in zip(labels[unanimous], answers[0][unanimous]))
+    pairs = collections.Counter((classes[int(y)], classes[int(a)])
+                                for y, a in zip(labels[unanimous], answers[0][unanimous]))
     result = {"photos": len(labels), "accuracy": {n: accuracy(p, labels) for n, p in {**teachers, **students}.items()},
               "ensembles": ensembles, "all_teachers_wrong": int(all_wrong.sum()),
               "all_teachers_wrong_same_class": int(unanimous.sum()),
@@ -74,7 +75,8 @@ def report(result: dict) -> str:
     share = 100 * result["all_teachers_wrong"] / result["photos"]
     lines += ["", f"every teacher wrong: {result['all_teachers_wrong']} photos ({share:.1f}%), "
               f"{result['all_teachers_wrong_same_class']} of them given the same other class by all",
-              "commonest (label -> teachers' class): " + ", ".join(f"{y} -> {a} {n}" for y, a, n in result["commonest"])]
+              "commonest (label -> teachers' class): "
+              + ", ".join(f"{y} -> {a} {n}" for y, a, n in result["commonest"])]
     for name, s in result["students"].items():
         lines.append(f"student {name}: {s['errors']} errors, {s['on_all_teachers_wrong']} of them on those photos; "
                      f"{s['accuracy_elsewhere']:.2f}% on the other photos")

@@ -317,3 +317,4 @@ def test_the_teacher_is_warned_about_only_when_it_sees_the_students_views_blown_
     level, message = resolution_note(teacher_size=224, render_size=150, student_size=64)
     assert level == logging.INFO and "larger than 150px" in message
     assert resolution_note(teacher_size=150, render_size=150, student_size=64) is None
+    assert resolution_note(teacher_size=64, render_size=150, student_size=32) is None  # views shrunk for it

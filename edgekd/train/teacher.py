@@ -164,14 +164,15 @@ def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: 
 
 def resolution_note(teacher_size: int, render_size: int, student_size: int) -> tuple[int, str] | None:
     """What to tell about the resolution the teacher's views are cut at: a warning when the teacher sees the
-    student's small views blown up, only a note when they are cut from photos decoded at another size
-    (rendering at the teacher's size is worth it only where the photos themselves are larger)."""
-    if teacher_size == render_size:
+    student's small views blown up, a note when they are cut from photos decoded smaller than the teacher
+    (rendering at its size is worth it only where the photos themselves are larger), nothing when views are
+    cut at or above the teacher's size."""
+    if teacher_size <= render_size:
         return None
-    if render_size == student_size and teacher_size > student_size:
-        return logging.WARNING, (f"the teacher ({teacher_size}px) sees the student's {student_size}px views blown up: "
-                                 f"set augment.render_size: {teacher_size} so each view is cut from the photo at the "
-                                 "teacher's resolution")
-    return logging.INFO, (f"the teacher ({teacher_size}px) sees views cut from the photos decoded at {render_size}px, "
-                          f"resized (augment.render_size: {teacher_size} cuts them at its own resolution, worth it "
-                          f"where the photos are larger than {render_size}px)")
+    if render_size == student_size:
+        return logging.WARNING, (f"the teacher ({teacher_size}px) sees the student's {student_size}px views "
+                                 f"blown up: set augment.render_size: {teacher_size} so each view is cut from the "
+                                 "photo at the teacher's resolution")
+    return logging.INFO, (f"the teacher ({teacher_size}px) sees views cut from the photos decoded at "
+                          f"{render_size}px, resized (augment.render_size: {teacher_size} cuts them at its own "
+                          f"resolution, worth it where the photos are larger than {render_size}px)")
