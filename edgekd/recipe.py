@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -35,6 +36,23 @@ _POSITIVE = _check(lambda v: v > 0, "must be > 0")
 _NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0")
 
 
+def _between(low, high) -> dict:
+    return _check(lambda v: low <= v <= high, f"must be in [{low}, {high}]")
+
+
+def _at_most(high, lower: dict) -> dict:
+    """A lower check as before, and an upper bound with its own message."""
+    return {**lower, "max": high}
+
+
+# Upper bounds: beyond them a value is a typo, not a plan, and would only fail hours or terabytes later
+# (a 100000 px cache maps 30 GB per photo). The largest ImageNet models train below 1000 px.
+MAX_IMAGE_SIZE = 2048
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit; torch's take any of them
+_IMAGE_SIZE = _at_most(MAX_IMAGE_SIZE, _check(lambda v: v >= 8, "must be >= 8"))
+_SEED = _between(0, MAX_SEED)
+
+
 @dataclass
 class DataConfig:
     kind: str = field(default="folder", metadata=_choices("folder", "fashion-mnist"))
@@ -46,10 +64,10 @@ class DataConfig:
     test_dir: str | None = None
     # Class names in label order. Optional: when given, the dataset must hold exactly these classes.
     classes: list[str] | None = None
-    image_size: int = field(default=150, metadata=_check(lambda v: v >= 8, "must be >= 8"))
+    image_size: int = field(default=150, metadata=_IMAGE_SIZE)
     # Held out of train (stratified, seeded by split_seed) when the dataset has no validation folder.
     val_fraction: float = field(default=0.1, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata=_SEED)
     # Use at most this many images per class from each split (a seeded subset), for quick runs.
     max_per_class: int | None = field(default=None, metadata=_POSITIVE)
     # Where decoded images are cached; default $EDGEKD_CACHE or ~/.cache/edgekd.
@@ -90,11 +108,11 @@ class TeacherConfig:
 class TrainConfig:
     # adam8bit: bitsandbytes' 8-bit Adam (seed 000's library), on CPU (bitsandbytes >= 0.50) and CUDA.
     optimizer: str = field(default="adam", metadata=_choices("adam", "adamw", "sgd", "adam8bit"))
-    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    lr: float = field(default=1e-3, metadata=_at_most(10.0, _POSITIVE))
     weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
     momentum: float = field(default=0.9, metadata=_NON_NEGATIVE)
-    batch_size: int = field(default=224, metadata=_POSITIVE)
-    epochs: int = field(default=30, metadata=_POSITIVE)
+    batch_size: int = field(default=224, metadata=_at_most(65536, _POSITIVE))
+    epochs: int = field(default=30, metadata=_at_most(100_000, _POSITIVE))
     # step: lr x gamma every step_size epochs (seed 001). cosine: per batch, from lr down to 0.
     scheduler: str = field(default="none", metadata=_choices("none", "step", "cosine"))
     step_size: int = field(default=10, metadata=_POSITIVE)
@@ -112,9 +130,9 @@ class TrainConfig:
     grad_clip: float | None = field(default=None, metadata=_POSITIVE)
     # Early stopping on validation accuracy; null trains every epoch.
     patience: int | None = field(default=3, metadata=_POSITIVE)
-    seed: int = 0
+    seed: int = field(default=0, metadata=_SEED)
     # Processes that decode images when the cache is first built (0: the main process).
-    workers: int = field(default=0, metadata=_NON_NEGATIVE)
+    workers: int = field(default=0, metadata=_at_most(1024, _NON_NEGATIVE))
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # Under torchrun: synchronise BatchNorm statistics across processes (CUDA only).
     sync_batchnorm: bool = False
@@ -137,7 +155,7 @@ class AugmentConfig:
     # Render each augmented view from the images decoded at this size, then resize it to data.image_size
     # (antialiased). A 64 px student with render_size 150 sees the same crop of the same photo as a 150 px
     # teacher, each at its own resolution. null: render at data.image_size.
-    render_size: int | None = field(default=None, metadata=_check(lambda v: v >= 8, "must be >= 8"))
+    render_size: int | None = field(default=None, metadata=_IMAGE_SIZE)
 
     @property
     def active(self) -> bool:
@@ -168,9 +186,9 @@ class DistillConfig:
     # Under augmentation: draw K views of every training photo once, run the teacher once per view and
     # store its logits; each epoch trains on one stored view per photo (Fast Knowledge Distillation,
     # Shen & Xing 2022). null: the teacher runs on every batch.
-    teacher_views: int | None = field(default=None, metadata=_POSITIVE)
+    teacher_views: int | None = field(default=None, metadata=_at_most(1024, _POSITIVE))
     # Seeds the drawing of those views (not train.seed, so students of every seed share one fill).
-    teacher_views_seed: int = 0
+    teacher_views_seed: int = field(default=0, metadata=_SEED)
     # How the teacher runs while filling those views: auto measures PyTorch (fp32; bf16 where the CPU has
     # bf16 instructions; fp16 on CUDA), onnxruntime on its fp32 export and OpenVINO bf16 on that file (where
     # the CPU has bf16 instructions and openvino is installed), and takes the fastest. The choice is timed,
@@ -182,7 +200,7 @@ class DistillConfig:
 @dataclass
 class ExportConfig:
     # Real training images (class-balanced, seeded) that calibrate int8.
-    calibration_images: int = field(default=300, metadata=_POSITIVE)
+    calibration_images: int = field(default=300, metadata=_at_most(1_000_000, _POSITIVE))
     # How int8 activation ranges are set from them: minmax (the observed extremes), percentile (99.99th
     # percentile of |x|: a few outliers no longer stretch the range; EfficientNet-Lite needs it) or entropy.
     calibration_method: str = field(default="minmax", metadata=_choices("minmax", "percentile", "entropy"))
@@ -248,14 +266,77 @@ def read_yaml_mapping(path: Path, kind: str, example: str, shape: str) -> dict:
     """The YAML mapping in a recipe or sweep file, its name defaulting to the file's stem."""
     if not path.is_file():
         raise RecipeError(f"{kind} file {str(path)!r} does not exist", hint=f"pass a YAML {kind}, for example {example}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size:,} bytes is not a {kind} (at most {MAX_YAML_BYTES:,})",
+                          hint=f"pass a YAML {kind}, for example {example}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a text file (byte {exc.start} is not UTF-8)",
+                          hint=f"pass a YAML {kind}, for example {example}") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a {kind} is a mapping of {shape}")
     raw.setdefault("name", path.stem)
     return raw
+
+
+MAX_YAML_BYTES = 1 << 20
+_QUOTE_HINT = "a value is read as YAML; quote text that starts with [ { & * ! or %: --set 'data.root=\"[x\"'"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # keys merged in (<<: *base) may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping says so below
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def parse_yaml(text: str, where: str, hint: str | None = None) -> Any:
+    """YAML text as plain data: duplicate keys refused, errors named with their line, never a traceback."""
+    try:
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML: {_yaml_problem(exc)}", hint=hint) from None
+    except RecursionError:  # a self-referencing anchor (&a [*a]) or absurd nesting
+        raise RecipeError(f"{where}: nested too deeply to be a recipe (a self-referencing anchor?)") from None
+    if _self_referencing(value):
+        raise RecipeError(f"{where}: an anchor refers to itself (&a [*a]); a recipe is a tree of values")
+    return value
+
+
+def _self_referencing(value: Any, parents: tuple = ()) -> bool:
+    if isinstance(value, (dict, list)):
+        if any(value is p for p in parents):
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        return any(_self_referencing(child, (*parents, value)) for child in children)
+    return False
 
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> None:
@@ -271,7 +352,9 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> None:
             if not isinstance(child, dict):
                 raise RecipeError(f"--set {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        if not all(part.strip() for part in parts):
+            raise RecipeError(f"--set {item!r}: an empty key between dots", hint="e.g. --set train.epochs=5")
+        node[parts[-1]] = parse_yaml(text, f"--set {item!r}", hint=_QUOTE_HINT) if text.strip() else None
 
 
 def recipe_from_dict(raw: dict, origin: str = "recipe") -> Recipe:
@@ -328,15 +411,32 @@ def _model_from_mapping(cls, raw: Any, where: str) -> ModelConfig:
     return config
 
 
+# A model past this many parameters (4 GB of fp32 weights) is a typo in its arguments on an edge toolchain;
+# left alone it would exhaust memory at the first allocation.
+MAX_PARAMETERS = 1_000_000_000
+
+
 def _check_model_builds(recipe: Recipe, origin: str) -> None:
-    """Build the model on the meta device so bad builder arguments fail now, not mid-run."""
-    from edgekd.models import check_model_args
+    """Build the model on the meta device (no memory) so bad builder arguments fail now, not mid-run."""
+    import torch
+
+    from edgekd.models import create_model
 
     num_classes = len(recipe.data.classes) if recipe.data.classes else 2
     try:
-        check_model_args(recipe.model.name, num_classes, recipe.model.args)
-    except (ValueError, TypeError) as exc:
+        with torch.device("meta"):
+            model = create_model(recipe.model.name, num_classes, **recipe.model.args)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as exc:
         raise RecipeError(f"{origin}: model: {exc}") from exc
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise RecipeError(f"{origin}: model: {recipe.model.name}({_args_text(recipe.model.args)}) has "
+                          f"{parameters:,} parameters, more than the {MAX_PARAMETERS:,} edgekd trains",
+                          hint="check the model's arguments (width, classifier, ...)")
+
+
+def _args_text(args: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
 
 def reject_unknown(raw: dict, valid: typing.Sequence[str], where: str, prefix: str) -> None:
@@ -363,6 +463,9 @@ def validate_value(value: Any, hint: Any, metadata: typing.Mapping, where: str) 
         predicate, requirement = metadata["check"]
         if not predicate(value):
             raise RecipeError(f"{where}: {value!r} {requirement}")
+    if "max" in metadata and value > metadata["max"]:
+        raise RecipeError(f"{where}: {value!r} is more than the largest sane value, {metadata['max']:,}",
+                          hint="a value this large is most likely a typo")
     return value
 
 
@@ -379,11 +482,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         # YAML 1.1 reads 1e-3 (no dot) as a string; accept it as the number the user meant.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+            if not math.isfinite(number):
+                raise RecipeError(f"{where}: {value!r} is not a finite number")
+            return number
         raise RecipeError(f"{where}: expected a number, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -124,3 +124,68 @@ def test_paper_recipes_keep_every_improvement_off_and_plus_recipes_turn_them_on(
 def test_new_training_options_are_validated(override, message):
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_recipe(RECIPES / "intel_8block_plus.yaml", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.image_size=100000", "data.image_size: 100000 is more than the largest sane value, 2,048"),
+    ("augment.render_size=100000", "augment.render_size: 100000 is more than the largest sane value"),
+    ("train.lr=1e30", "train.lr: 1e+30 is more than the largest sane value"),
+    ("train.lr=.inf", "train.lr: inf is not a finite number"),
+    ("train.lr=.nan", "train.lr: nan is not a finite number"),
+    ("distill.temperature=-.inf", "distill.temperature: -inf is not a finite number"),
+    ("train.checkpoint_seconds=1e400", "train.checkpoint_seconds: inf is not a finite number"),
+    ("train.gamma=" + "9" * 400, "is not a finite number"),
+    ("train.seed=99999999999999999999999", "train.seed: 99999999999999999999999 must be in [0, 4294967295]"),
+    ("train.seed=-1", "train.seed: -1 must be in [0, 4294967295]"),
+    ("data.split_seed=4294967296", "data.split_seed: 4294967296 must be in [0, 4294967295]"),
+    ("train.batch_size=10000000", "train.batch_size: 10000000 is more than the largest sane value"),
+    ("train.epochs=10000000", "train.epochs: 10000000 is more than the largest sane value"),
+    ("model.width=1000000000000", "model: Storage size calculation overflowed"),
+    ("model.width=100000", "parameters, more than the 1,000,000,000 edgekd trains"),
+    ("data.root=[unclosed", "--set 'data.root=[unclosed': not valid YAML: expected ',' or ']'"),
+    ("train..lr=3", "an empty key between dots"),
+])
+def test_values_out_of_range_or_unparsable_are_refused_before_work(tmp_path, override, message):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [override])
+    assert message in str(err.value)
+
+
+def test_the_largest_sane_values_are_still_accepted(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path)
+    recipe = load_recipe(path, ["data.image_size=2048", "train.seed=4294967295", "train.lr=10"])
+    assert (recipe.data.image_size, recipe.train.seed, recipe.train.lr) == (2048, 2 ** 32 - 1, 10.0)
+
+
+def test_duplicate_keys_are_refused_with_the_key_and_both_lines(tmp_path):
+    (tmp_path / "dup.yaml").write_text("name: dup\ntrain:\n  lr: 0.1\n  epochs: 3\n  lr: 0.2\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tmp_path / "dup.yaml")
+    assert "duplicate key 'lr' (first on line 3) (line 5, column 3)" in str(err.value)
+    # a merge key (<<: *base) is how YAML overrides on purpose: not a duplicate
+    (tmp_path / "merge.yaml").write_text(
+        "name: merge\ndata: {root: x, image_size: 16}\ntrain: &t {epochs: 3, lr: 0.1}\n"
+        "augment:\n  <<: {flip: true, crop: pad}\n  flip: false\n")
+    recipe = load_recipe(tmp_path / "merge.yaml")
+    assert (recipe.train.epochs, recipe.augment.flip, recipe.augment.crop) == (3, False, "pad")
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"\xff\xfe\x00\x01binary", "not a text file (byte 0 is not UTF-8)"),
+    (b"name: ok\n\x00\x01\x02", "not valid YAML"),
+    ("name: caf\u00e9\n".encode("latin-1"), "not a text file"),
+    (b"a: &a [*a]\n", "an anchor refers to itself"),
+    (b"- 1\n- 2\n", "a recipe is a mapping"),
+    (b"train: !!python/object:os.system {}\n", "not valid YAML"),
+])
+def test_binary_non_utf8_and_hostile_yaml_recipes_are_refused(tmp_path, payload, message):
+    (tmp_path / "r.yaml").write_bytes(payload)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(tmp_path / "r.yaml")
+
+
+def test_a_huge_file_is_not_read_as_a_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_bytes(b"#" * (2 << 20))
+    with pytest.raises(RecipeError, match="is not a recipe"):
+        load_recipe(tmp_path / "r.yaml")
