@@ -147,23 +147,37 @@ def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, 
                nproc: int = 1) -> None:
     import os
 
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _under_torchrun(nproc)
     from edgekd.recipe import load_recipe
     from edgekd.runs import artifacts_root
+    from edgekd.train.distributed import check_world_size
     from edgekd.train.trainer import run
 
     recipe = load_recipe(recipe_path, [*overrides, *([f"precision={precision}"] if precision else [])])
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_world_size(recipe.train.batch_size, nproc)  # before torchrun starts a single process
+        _under_torchrun(nproc)
     root = artifacts_root(artifacts)
     try:
         summary = run(recipe, mode, root, resume=resume, callbacks=_progress_callbacks(quiet))
     except KeyboardInterrupt:
+        nproc = int(os.environ.get("WORLD_SIZE", nproc))
         click.echo(f"\ninterrupted; the newest training state is saved (epoch ends and every "
                    f"train.checkpoint_seconds). Continue with: "
-                   f"edgekd {mode} {recipe_path} --resume", err=True)
+                   f"{_continue_command(mode, recipe_path, overrides, artifacts, precision, nproc)}", err=True)
         sys.exit(130)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
-        click.echo(f"saved     {root / summary['run']}/best.pt")
+        best = root / summary["run"] / "best.pt"
+        click.echo(f"saved     {best}" if best.is_file() else f"no best.pt in {best.parent} (no epoch finished)")
+
+
+def _continue_command(mode: str, recipe_path: str, overrides, artifacts, precision, nproc: int) -> str:
+    """The command that resumes this same run: every option that chose its recipe and folder, shell-quoted."""
+    import shlex
+
+    words = ["edgekd", mode, recipe_path, *(w for o in overrides for w in ("--set", o))]
+    words += [*(["--artifacts", str(artifacts)] if artifacts else []),
+              *(["--precision", precision] if precision else []), *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    return shlex.join([*words, "--resume"])
 
 
 @cli.command()
@@ -471,8 +485,13 @@ def sweep(obj, sweep_file, overrides, artifacts, export, dry_run) -> None:
     try:
         state = run_sweep(SweepPlan(sweep_file, list(overrides), root, export), _sweep_events(obj["quiet"]))
     except KeyboardInterrupt:
+        import shlex
+
+        again = ["edgekd", "sweep", sweep_file, *(w for o in overrides for w in ("--set", o)),
+                 *(["--artifacts", str(artifacts)] if artifacts else []),
+                 *([] if export is None else ["--export" if export else "--no-export"])]
         click.echo(f"\ninterrupted; finished members and epochs are saved. Continue with the same command: "
-                   f"edgekd sweep {sweep_file} {' '.join(f'--set {o}' for o in overrides)}".rstrip(), err=True)
+                   f"{shlex.join(again)}", err=True)
         sys.exit(130)
     sweep_dir = root / state["sweep"]
     click.echo(f"\n{'member':<24} {'role':<9} {'precision':<9} {'status':<14} run folder")

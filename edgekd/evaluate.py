@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from edgekd.data import Split
-from edgekd.errors import DataError
+from edgekd.errors import DataError, EdgekdError
 from edgekd.train.batches import iter_batches
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,10 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: 
     The weights are evaluated in fp32 (a model trained at fp16/fp8 is evaluated as it is exported); with
     `int8_head` the classifier's Linear layers are held in bitsandbytes' int8 form (Linear8bitLt).
     """
-    from edgekd.train.checkpoint import checkpoint_dataset, load_model
+    from edgekd.train.checkpoint import checkpoint_dataset, load_model, refuse_nonfinite
 
     model, payload = load_model(checkpoint, device)
+    refuse_nonfinite(payload, "evaluated")
     if int8_head:
         from edgekd.train.precision import bitsandbytes_module, int8_linear_layers
 
@@ -82,6 +84,9 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", data_root: 
                         hint="evaluate on --split val, or use `edgekd classify` for unlabeled images")
     result = evaluate_model(model, data_split, payload["class_names"], batch_size or recipe.train.batch_size,
                             torch.device(device))
+    if not math.isfinite(result.loss):  # argmax of NaN is class 0: the accuracy would be a number meaning nothing
+        raise EdgekdError(f"{payload['path']} gives NaN or infinite outputs on the {split} split",
+                          hint="its weights overflow on these images; retrain it with a lower train.lr, or in fp32")
     log.debug("%s: %s accuracy %.4f on %d images", payload["path"], split, result.accuracy, result.images)
     return result
 

@@ -533,5 +533,18 @@ def _resolve_paths(recipe: Recipe, recipe_dir: Path) -> None:
         teacher.recipe = os.path.abspath(candidate)
 
 
+def recipe_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key: old then, new now` for each value that changed; keys the stored recipe lacks (added to edgekd
+    since it was written) are not compared."""
+    changed = []
+    for key in sorted(stored, key=str):
+        old, new = stored[key], current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += recipe_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"{prefix}{key}: {old!r} then, {new!r} now")
+    return changed
+
+
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,10 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
+
+from edgekd.errors import EdgekdError
+
+log = logging.getLogger(__name__)
 
 ARTIFACTS_ENV = "EDGEKD_ARTIFACTS"
 
@@ -89,29 +94,60 @@ def interrupts_deferred():
 def _numbered(root: Path, name: str) -> list[tuple[int, Path]]:
     pattern = re.compile(rf"^{re.escape(name)}(?:-(\d+))?$")
     found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = pattern.match(child.name)
-            if match and child.is_dir():
-                found.append((int(match.group(1) or 1), child))
+    for child in _children(root):
+        match = pattern.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1) or 1), child))
     return sorted(found)
 
 
 def new_run_dir(root: Path, name: str) -> Path:
     """artifacts/<name>, or <name>-2, -3, ... when earlier runs exist (never overwrite a run)."""
+    check_writable(root)
     existing = _numbered(root, name)
     number = existing[-1][0] + 1 if existing else 1
     run_dir = root / (name if number == 1 else f"{name}-{number}")
-    run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
     return run_dir
+
+
+def check_writable(root: Path) -> None:
+    """Make the artifacts folder (or find it) and prove a file can be written there; EdgekdError if not."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".edgekd-write-check.", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
+
+
+def _unwritable(root: Path, exc: OSError) -> EdgekdError:
+    return EdgekdError(f"cannot write runs under {root}/: {exc.strerror or exc}",
+                       hint="pass --artifacts DIR (or set EDGEKD_ARTIFACTS) to a folder you can write")
+
+
+def run_dirs(root: Path, name: str) -> list[Path]:
+    """Every run folder of recipe `name` under `root`, newest (highest number) first."""
+    return [run_dir for _, run_dir in reversed(_numbered(root, name))]
 
 
 def latest_run_dir(root: Path, name: str, needs: str | None = None) -> Path | None:
     """The newest run of recipe `name` (optionally only runs holding file `needs`)."""
     for _, run_dir in reversed(_numbered(root, name)):
-        if needs is None or (run_dir / needs).is_file():
+        if needs is None or _is_file(run_dir / needs):
             return run_dir
     return None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a folder this user may not read
+        return False
 
 
 def read_summary(run_dir: Path) -> dict:
@@ -126,9 +162,36 @@ def read_summary(run_dir: Path) -> dict:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    problem = summary_problem(summary)
+    if problem:
+        _warn_once(path, f"{path} is damaged ({problem}); the run is skipped")
+        return {}
     if summary.get("status") == "running" and owner_alive(summary) is False:
         summary = _settle_as_interrupted(path, summary)
     return summary
+
+
+# What every reader of a summary relies on; a field of another type means the file is not edgekd's.
+_SUMMARY_FIELDS = {"status": str, "mode": str, "run": str, "updated": str, "process": dict}
+
+
+def summary_problem(summary) -> str | None:
+    """Why a parsed summary.json cannot be trusted (None when it can): JSON of the wrong shape."""
+    if not isinstance(summary, dict):
+        return f"a {type(summary).__name__}, not a mapping"
+    for key, kind in _SUMMARY_FIELDS.items():
+        if summary.get(key) is not None and not isinstance(summary[key], kind):
+            return f"{key} is {summary[key]!r}"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        log.warning("%s", message)
 
 
 def _settle_as_interrupted(path: Path, summary: dict) -> dict:
@@ -166,13 +229,26 @@ def owner_alive(summary: dict) -> bool | None:
     """Whether the process that wrote a summary still runs: True, False, or None when this machine cannot
     tell (written on another host, or by an edgekd that did not record its process)."""
     owner = summary.get("process")
-    if not owner or owner.get("host") != socket.gethostname():
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
         return None
-    pid = int(owner["pid"])
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2 ** 31:
+        return None
     if not Path("/proc/self/stat").is_file():  # no /proc (macOS): a reused pid would pass for the owner
         return _pid_exists(pid)
     ticks = _start_ticks(pid)
     return ticks is not None and owner.get("start_ticks") in (None, ticks)
+
+
+def still_running(run_dir: Path) -> dict | None:
+    """The live process training a run (pid, host, start time), or None when nothing is writing to it.
+
+    None also when its owner is on another machine (this one cannot tell) — such a run's status says so.
+    """
+    summary = read_summary(run_dir)
+    if summary.get("status") == "running" and owner_alive(summary):
+        return summary["process"]
+    return None
 
 
 def _pid_exists(pid: int) -> bool:
@@ -188,12 +264,21 @@ def _pid_exists(pid: int) -> bool:
 def latest_run(root: Path, mode: str | None = None, needs: str = "best.pt") -> Path | None:
     """The most recently updated run under `root` (optionally of a mode: train or distill)."""
     candidates = []
-    if root.is_dir():
-        for run_dir in root.iterdir():
+    for run_dir in _children(root):
+        try:
             summary = read_summary(run_dir) if run_dir.is_dir() else {}
             if summary and (run_dir / needs).is_file() and (mode is None or summary.get("mode") == mode):
-                candidates.append((summary.get("updated", ""), run_dir.stat().st_mtime, run_dir))
-    return max(candidates)[2] if candidates else None
+                candidates.append((summary.get("updated") or "", run_dir.stat().st_mtime, str(run_dir)))
+        except OSError as exc:  # one unreadable folder must not hide every other run
+            _warn_once(run_dir, f"{run_dir} is unreadable ({exc.strerror or exc}); skipped")
+    return Path(max(candidates)[2]) if candidates else None
+
+
+def _children(root: Path) -> list[Path]:
+    try:
+        return list(root.iterdir()) if root.is_dir() else []
+    except OSError:
+        return []
 
 
 # ----- metrics.jsonl ------------------------------------------------------------------------------------
@@ -216,9 +301,12 @@ class MetricsLog:
         records = []
         for line in self.path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 break  # a line torn by a crash: it and anything after it never finished
+            if not isinstance(record, dict) or not isinstance(record.get("epoch", 0), int):
+                break  # not a line edgekd wrote: the log is trusted no further
+            records.append(record)
         return records
 
     def truncate_to_epoch(self, epoch: int) -> list[dict]:

@@ -29,11 +29,12 @@ from edgekd.recipe import (  # the recipe's own validators: a sweep file is chec
     Recipe,
     load_recipe,
     read_yaml_mapping,
+    recipe_differences,
     reject_unknown,
     section_from_mapping,
     validate_value,
 )
-from edgekd.runs import atomic_write_json, latest_run_dir, read_summary
+from edgekd.runs import atomic_write_json, check_writable, latest_run_dir, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -191,26 +192,20 @@ def member_state(member: Member, sweep_dir: Path) -> MemberState:
 
 
 def _check_same_recipe(member: Member, run_dir: Path) -> None:
-    stored = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else None
-    if stored is None:
+    try:
+        stored = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        stored = "damaged"
+    if not isinstance(stored, dict):
+        if stored is not None:
+            log.warning("%s is damaged: the finished run's settings cannot be compared with this sweep's",
+                        run_dir / "recipe.yaml")
         return
-    changed = _differences(stored, member.recipe.to_dict())
+    changed = recipe_differences(stored, member.recipe.to_dict())
     if changed:
         raise EdgekdError(f"{run_dir} finished with other settings than this sweep would use now "
                           f"({'; '.join(changed[:4])})",
                           hint="use the same --set values as before, or start a new sweep folder with --artifacts DIR")
-
-
-def _differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
-    """Keys whose value changed; keys the stored recipe lacks (added to edgekd since) are not compared."""
-    changed = []
-    for key in sorted(stored):
-        old, new = stored[key], current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changed += _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            changed.append(f"{prefix}{key}: {old!r} then, {new!r} now")
-    return changed
 
 
 @dataclass
@@ -242,6 +237,7 @@ def run_sweep(plan: SweepPlan, events: SweepEvents | None = None) -> dict:
     sweep = load_sweep(plan.sweep_file)
     sweep_dir = Path(plan.artifacts) / sweep.name
     members = plan_members(sweep, plan.overrides, sweep_dir)
+    check_writable(sweep_dir)
     export = sweep.export.enabled if plan.export is None else plan.export
     state = _initial_state(sweep, plan, members, sweep_dir)
     for index, member in enumerate(members, 1):
@@ -306,10 +302,10 @@ def _export_and_validate(member: Member, run_dir: Path, config: SweepExport, eve
     from edgekd.validate.report import write_reports
 
     checkpoint, validation = run_dir / "best.pt", run_dir / "validation.json"
-    if validation.is_file() and validation.stat().st_mtime >= checkpoint.stat().st_mtime:
+    earlier = _earlier_validation(validation) if validation.is_file() else None
+    if earlier is not None and validation.stat().st_mtime >= checkpoint.stat().st_mtime:
         events.on_export(member, "exported and validated before; kept")
-        failures = json.loads(validation.read_text()).get("failures", {})
-        return {"status": "validated", "failures": failures}
+        return {"status": "validated", "failures": earlier}
     precisions = sorted({*config.precisions, *([member.precision] if member.precision in EXPORT_PRECISIONS else [])},
                         key=("fp32", *EXPORT_PRECISIONS).index)
     events.on_export(member, f"exporting fp32, {', '.join(precisions)}")
@@ -329,10 +325,45 @@ def _export_and_validate(member: Member, run_dir: Path, config: SweepExport, eve
     return {"status": "validated", "failures": failures}
 
 
+def _earlier_validation(path: Path) -> dict | None:
+    """The failures a validation.json recorded; None when it is damaged (then export and validate again)."""
+    import json
+
+    try:
+        failures = json.loads(path.read_text()).get("failures", {})
+    except (OSError, ValueError, AttributeError):
+        failures = None
+    if not isinstance(failures, dict):
+        log.warning("%s is damaged: exporting and validating again", path)
+        return None
+    return failures
+
+
 def find_sweep_dirs(root: Path) -> list[Path]:
-    """Sweep folders (holding a sweep.json) directly under `root`, newest first."""
+    """Sweep folders (holding a sweep.json of the right shape) directly under `root`, newest first; a damaged
+    one is passed over with a warning, so it never hides the others."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if (p / "sweep.json").is_file()]
+    found = []
+    for folder in root.iterdir():
+        problem = _sweep_state_problem(folder / "sweep.json") if (folder / "sweep.json").is_file() else "absent"
+        if problem is None:
+            found.append(folder)
+        elif problem != "absent":
+            log.warning("%s is damaged (%s); that sweep is skipped", folder / "sweep.json", problem)
     return sorted(found, key=lambda p: (p / "sweep.json").stat().st_mtime, reverse=True)
+
+
+def _sweep_state_problem(path: Path) -> str | None:
+    import json
+
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {exc.__class__.__name__}"
+    if not isinstance(state, dict) or not isinstance(state.get("members"), dict):
+        return "not a mapping with members"
+    if not all(isinstance(m, dict) for m in state["members"].values()):
+        return "a member is not a mapping"
+    return None
 

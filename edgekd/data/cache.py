@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from edgekd.data.sources import SplitSource, digest
+from edgekd.errors import DataError
 from edgekd.runtime.preprocess import RESIZE_METHOD, ImageDecodeError, load_rgb, resize_rgb
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,74 @@ def cache_key(source: SplitSource, image_size: int) -> str:
 def cached_split(source: SplitSource, image_size: int, cache_root: Path, workers: int = 0) -> CachedSplit:
     """The decoded split, from the cache when present, otherwise decoded now and cached."""
     folder = cache_root / f"{source.name}-{image_size}px-{cache_key(source, image_size)}"
-    if not (folder / "index.json").is_file():
+    if (folder / "index.json").is_file():
+        try:
+            return _open(folder, source.name, image_size)
+        except DamagedCache as damage:  # never read: set aside and decoded again
+            log.warning("decode cache %s is damaged (%s): decoding it again", folder, damage)
+            discard(folder)
+    try:
         _build(source, image_size, folder, workers)
-    return _open(folder, source.name)
+    except OSError as exc:
+        raise DataError(f"cannot write the decode cache under {folder.parent}: {exc.strerror or exc}",
+                        hint="set data.cache_dir (or EDGEKD_CACHE) to a folder with room that you can write") from None
+    return _open(folder, source.name, image_size)
 
 
-def _open(folder: Path, name: str) -> CachedSplit:
-    index = json.loads((folder / "index.json").read_text())
-    labels = np.load(folder / "labels.npy") if index["labeled"] else None
+class DamagedCache(Exception):
+    """Why a cache entry's files cannot be trusted."""
+
+
+def discard(path: Path) -> None:
+    """Move a damaged cache file or folder out of the way (renamed first: a reader holding it open keeps its
+    copy), then delete it."""
+    aside = path.with_name(f".{path.name}.damaged-{os.getpid()}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        aside = path
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def _open(folder: Path, name: str, image_size: int) -> CachedSplit:
+    """The entry's arrays, each checked against index.json; DamagedCache when any does not fit."""
+    index = _read_index(folder / "index.json", image_size)
+    rows = len(index["ids"])
+    try:
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        labels = np.load(folder / "labels.npy") if index["labeled"] else None
+    except (OSError, ValueError, EOFError) as exc:  # a truncated .npy cannot be mapped: ValueError
+        raise DamagedCache(f"{exc.__class__.__name__}: {exc}") from None
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape != (rows, image_size,
+                                                                                          image_size, 3):
+        raise DamagedCache(f"images.npy is not {rows} uint8 images of {image_size}px")
+    if labels is not None and (not isinstance(labels, np.ndarray) or labels.shape != (rows,)
+                               or labels.dtype.kind not in "iu"):
+        raise DamagedCache(f"labels.npy is not {rows} integer labels")
     skipped = index["skipped"]
     if skipped:
         log.warning("%s: %d unreadable image(s) were skipped when the cache was built (listed in %s)",
                     name, len(skipped), folder / "index.json")
-    return CachedSplit(name, np.load(folder / "images.npy", mmap_mode="r"), labels, index["ids"], skipped, folder)
+    return CachedSplit(name, images, labels, index["ids"], skipped, folder)
+
+
+def _read_index(path: Path, image_size: int) -> dict:
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DamagedCache(f"index.json is unreadable ({exc.__class__.__name__})") from None
+    if not isinstance(index, dict):
+        raise DamagedCache("index.json is not a mapping")
+    shape = {"ids": list, "skipped": list, "labeled": bool, "image_size": int}
+    for key, kind in shape.items():
+        if not isinstance(index.get(key), kind):
+            raise DamagedCache(f"index.json's {key} is {index.get(key)!r}")
+    if index["image_size"] != image_size or not all(isinstance(i, str) for i in index["ids"]):
+        raise DamagedCache("index.json describes another entry")
+    return index
 
 
 def _decode_file(path: Path, size: int) -> np.ndarray | str:
@@ -85,8 +141,19 @@ def _decoded(source: SplitSource, size: int, workers: int):
             yield _decode_file(path, size)
 
 
+def _check_room(folder: Path, rows: int, size: int) -> None:
+    """Refuse, before decoding, a cache the disk cannot hold (a memory map would die with SIGBUS midway)."""
+    needed = rows * size * size * 3
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DataError(f"the decode cache of {rows:,} images at {size}px needs {needed / 1e9:.1f} GB; "
+                        f"{folder} has {free / 1e9:.1f} GB free",
+                        hint="set data.cache_dir (or EDGEKD_CACHE) to a disk with room, or lower data.image_size")
+
+
 def _build(source: SplitSource, size: int, folder: Path, workers: int) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _check_room(folder.parent, len(source), size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         log.info("decoding %d %s images from %s at %dpx into %s (once; later runs reuse it)",

@@ -68,11 +68,37 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the model from the checkpoint alone (no recipe file needed), in eval mode."""
+    """Rebuild the model from the checkpoint alone (no recipe file needed), in eval mode.
+
+    A checkpoint whose stored model does not fit its weights (tampered metadata, a foreign state_dict) is a
+    CheckpointError naming the file."""
     payload = read_checkpoint(path)
-    model = build_model(payload)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = build_model(payload)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise CheckpointError(f"{payload['path']}: its stored model does not fit its weights "
+                              f"({exc.__class__.__name__}: {detail})",
+                              hint="the file was changed after edgekd wrote it, or comes from another tool; "
+                                   "use the run's own best.pt") from None
     return model.to(device).eval(), payload
+
+
+def nonfinite_weights(state_dict: dict) -> list[str]:
+    """The tensors of a state_dict holding NaN or infinity (a run that diverged): never taught, never exported."""
+    return [name for name, tensor in state_dict.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def refuse_nonfinite(payload: dict[str, Any], use: str) -> None:
+    """CheckpointError when a checkpoint's weights hold NaN or infinity; `use` says what it was wanted for."""
+    bad = nonfinite_weights(payload.get("state_dict") or {})
+    if bad:
+        raise CheckpointError(f"{payload['path']} holds NaN or infinite weights ({len(bad)} tensor(s), first "
+                              f"{bad[0]}): its training diverged, so it cannot be {use}",
+                              hint="retrain it with a lower train.lr (edgekd now stops a run whose loss "
+                                   "diverges), or use an earlier run")
 
 
 def stored_recipe(payload: dict[str, Any], data_root: str | None = None) -> Recipe:

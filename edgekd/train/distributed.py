@@ -79,6 +79,14 @@ class Distributed:
         return {"world_size": self.world, "backend": self.backend, "processes_per_node": self.local_world}
 
 
+def check_world_size(batch_size: int, world: int) -> None:
+    """Refuse a global batch that does not split evenly over `world` processes (before any starts)."""
+    if world > 1 and batch_size % world:
+        raise RecipeError(f"train.batch_size {batch_size} does not split evenly over {world} processes",
+                          hint=f"use a multiple of {world} (it is the global batch size), e.g. "
+                               f"--set train.batch_size={max(world, batch_size // world * world)}")
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise RecipeError("train.device is cuda but PyTorch sees no CUDA device",

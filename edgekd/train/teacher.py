@@ -9,6 +9,7 @@ for logits; this module owns the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -21,8 +22,8 @@ from edgekd.data.sources import digest
 from edgekd.errors import CheckpointError, RecipeError
 from edgekd.models import Classifier
 from edgekd.recipe import Recipe, load_recipe
-from edgekd.runs import latest_run_dir
-from edgekd.train.checkpoint import file_sha256, load_model
+from edgekd.runs import run_dirs
+from edgekd.train.checkpoint import file_sha256, load_model, refuse_nonfinite
 from edgekd.train.teacher_cache import cached_teacher_logits
 from edgekd.train.teacher_forward import TeacherForward, fastest_forward
 from edgekd.train.teacher_views import TeacherViews, teacher_views
@@ -40,7 +41,26 @@ def _checkpoint_file(value: str, key: str) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{key} {path} does not exist",
                               hint="train the teacher first (`edgekd train <teacher recipe>`)")
+    _check_teaches(path)
     return path
+
+
+def _check_teaches(path: Path) -> None:
+    """CheckpointError unless the file rebuilds its model with finite weights (checked once per file version)."""
+    stat = path.stat()
+    problem = _teaching_problem(str(path), stat.st_mtime_ns, stat.st_size)
+    if problem is not None:
+        raise problem
+
+
+@functools.lru_cache(maxsize=32)
+def _teaching_problem(path: str, mtime_ns: int, size: int) -> CheckpointError | None:
+    try:
+        _, payload = load_model(path)
+        refuse_nonfinite(payload, "a teacher")
+    except CheckpointError as exc:
+        return exc
+    return None
 
 
 def resolve_teachers(recipe: Recipe, artifacts: Path) -> list[Path]:
@@ -56,12 +76,28 @@ def resolve_teacher(recipe: Recipe, artifacts: Path) -> Path:
         return _checkpoint_file(teacher.checkpoint, "teacher.checkpoint")
     if teacher.recipe:
         teacher_name = load_recipe(teacher.recipe).name
-        run_dir = latest_run_dir(artifacts, teacher_name, needs="best.pt")
-        if run_dir is None:
-            raise CheckpointError(f"no finished run of the teacher recipe {teacher.recipe} under {artifacts}/",
-                                  hint=f"run `edgekd train {teacher.recipe}` first, or set teacher.checkpoint")
-        return (run_dir / "best.pt").absolute()
+        return _newest_teaching_run(artifacts, teacher_name, teacher.recipe)
     raise RecipeError(f"{recipe.source}: distillation needs a teacher: set teacher.checkpoint or teacher.recipe")
+
+
+def _newest_teaching_run(artifacts: Path, name: str, recipe_path: str) -> Path:
+    """The best.pt of the newest run of `name` that can teach: one whose weights hold NaN (a run that
+    diverged) or whose stored model does not fit them is passed over, with a line saying why."""
+    passed_over = []
+    for run_dir in run_dirs(artifacts, name):
+        path = (run_dir / "best.pt").absolute()
+        if not path.is_file():
+            continue
+        try:
+            _check_teaches(path)
+        except CheckpointError as exc:
+            log.warning("teacher: passing over %s: %s", path, exc.message)
+            passed_over.append(run_dir.name)
+            continue
+        return path
+    also = f" ({', '.join(passed_over)} cannot teach, see above)" if passed_over else ""
+    raise CheckpointError(f"no finished run of the teacher recipe {recipe_path} under {artifacts}/{also}",
+                          hint=f"run `edgekd train {recipe_path}` first, or set teacher.checkpoint")
 
 
 # ----- loading them -------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgekd.data.cache import CachedSplit
+from edgekd.data.cache import CachedSplit, DamagedCache, discard
 from edgekd.data.sources import digest
+from edgekd.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,47 @@ def cached_teacher_logits(teacher: torch.nn.Module, teacher_sha256: str, num_cla
     """(N, classes) fp16 logits for every image of a cache entry, in its row order (memory-mapped)."""
     folder = entry.path.parent / "teacher-logits"
     path = folder / f"{entry.path.name}-{digest(teacher_sha256, entry.path.name)[:16]}.npy"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-        os.close(fd)
+    shape = (len(entry.images), num_classes)
+    if path.is_file():
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                            shape=(len(entry.images), num_classes))
-            _compute(teacher, entry.images, out, device, batch_size)
-            out.flush()
-            del out
-            shutil.move(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        log.info("teacher logits for %d images computed once in %.1fs and cached (%s)", len(entry.images),
-                 time.perf_counter() - start, path)
-    return np.load(path, mmap_mode="r")
+            return _open(path, shape)
+        except DamagedCache as damage:  # never read: computed again
+            log.warning("teacher logits %s are damaged (%s): computing them again", path, damage)
+            discard(path)
+    _build(teacher, entry, path, shape, device, batch_size)
+    return _open(path, shape)
+
+
+def _open(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        logits = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:  # a truncated .npy cannot be mapped: ValueError
+        raise DamagedCache(f"{exc.__class__.__name__}: {exc}") from None
+    if not isinstance(logits, np.ndarray) or logits.dtype != np.float16 or logits.shape != shape:
+        raise DamagedCache(f"holds {getattr(logits, 'dtype', '?')} {list(getattr(logits, 'shape', []))}, "
+                           f"not float16 {list(shape)}")
+    return logits
+
+
+def _build(teacher: torch.nn.Module, entry: CachedSplit, path: Path, shape: tuple[int, int],
+           device: torch.device, batch_size: int) -> None:
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        _compute(teacher, entry.images, out, device, batch_size)
+        if not np.isfinite(out).all():  # fp16 holds logits up to 65504; past that they would teach NaN
+            raise CheckpointError(f"the teacher's logits overflow (NaN or beyond fp16's range) on "
+                                  f"{int((~np.isfinite(out)).any(1).sum())} training images",
+                                  hint="set distill.cache_teacher_logits: false (the teacher then runs in fp32 "
+                                       "on every batch), or use another teacher")
+        out.flush()
+        del out
+        shutil.move(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log.info("teacher logits for %d images computed once in %.1fs and cached (%s)", len(entry.images),
+             time.perf_counter() - start, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from edgekd.data import Dataset, RowStore, Split, channel_stats, open_dataset
 from edgekd.errors import CheckpointError, DataError, EdgekdError, RecipeError
@@ -27,9 +28,10 @@ from edgekd.models import (Classifier, create_model, freeze_backbone, load_pretr
                            resolve_pretrained, set_train_mode)
 from edgekd.models.pretrained import read_state
 from edgekd.models.summary import count_parameters
-from edgekd.recipe import Recipe, dump_recipe
-from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, interrupts_deferred, latest_run_dir,
-                         new_run_dir, owner_alive, process_identity, read_summary, remove_stale_temporaries)
+from edgekd.recipe import Recipe, dump_recipe, recipe_differences
+from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, check_writable, interrupts_deferred,
+                         latest_run_dir, new_run_dir, owner_alive, process_identity, read_summary,
+                         remove_stale_temporaries)
 from edgekd.train import distributed
 from edgekd.train.augment import batch_generator, draw_views, render_views, resize_for
 from edgekd.train.batches import Batch, batch_count, iter_batches
@@ -391,6 +393,8 @@ class Trainer:
         with self.policy.autocast():
             logits = self.train_model(pixels)
         loss = self._loss(logits, teacher_logits, labels, epoch, index)
+        value = float(loss.detach())
+        self._stop_if_diverged(value, epoch, index)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.backward_and_step(loss, self.optimizer, self.recipe.train.grad_clip)
         if self.per_batch_schedule:
@@ -398,8 +402,19 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         known = labels >= 0  # unlabeled photos (label -1) count in the loss only, through the teacher
-        return (float(loss.detach()), int((logits.detach().argmax(1) == labels)[known].sum()),
-                int(known.sum()))
+        return value, int((logits.detach().argmax(1) == labels)[known].sum()), int(known.sum())
+
+    def _stop_if_diverged(self, loss: float, epoch: int, index: int, what: str = "training loss") -> None:
+        """A NaN or infinite loss ends the run now: every later step, checkpoint and export would carry it.
+        Under DDP every rank learns of any rank's NaN, so none waits forever for the others."""
+        bad = not math.isfinite(loss)
+        if self.dist.active:
+            bad = self.dist.sum(float(bad))[0] > 0
+        if bad:
+            where = f"epoch {epoch}, batch {index + 1} of {self.batches_per_epoch}" if index >= 0 else f"epoch {epoch}"
+            raise EdgekdError(f"training diverged: the {what} is {loss} at {where}",
+                              hint=f"lower train.lr (now {self.recipe.train.lr:g}), set train.grad_clip, or train "
+                                   "in fp32; the run is marked failed and keeps the checkpoints from before")
 
     def _loss(self, logits, teacher_logits, labels, epoch: int, index: int) -> torch.Tensor:
         # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
@@ -411,6 +426,7 @@ class Trainer:
         return distill_loss(logits, teacher_logits, labels, self.recipe.distill, smoothing, ramp)
 
     def _finish_epoch(self, record: dict) -> None:
+        self._stop_if_diverged(record["val_loss"], record["epoch"], -1, "validation loss")
         improved = self.stopper.update(record["epoch"], record["val_acc"])
         self.epoch = record["epoch"]
         self.history.append(record)
@@ -551,10 +567,13 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
         _claim(run_dir, recipe, mode)
         return run_dir, None
     last = read_checkpoint(run_dir / "last.pt")
-    if "train_state" not in last:
+    if not isinstance(last.get("train_state"), dict):
         raise CheckpointError(f"{run_dir / 'last.pt'} holds no training state to resume from")
-    _warn_recipe_changes(last["recipe"], recipe)
-    _claim(run_dir, recipe, mode, summary)
+    if not isinstance(last.get("recipe"), dict) or not isinstance(last.get("epoch"), int):
+        raise CheckpointError(f"{run_dir / 'last.pt'} does not say which recipe and epoch it holds")
+    _refuse_recipe_changes(last["recipe"], recipe, run_dir, last["epoch"])
+    # Remembered until the loop begins: a resume that fails before it leaves a finished run finished.
+    _claim(run_dir, recipe, mode, {**summary, "resumed_from": {k: summary.get(k) for k in ("status", "error")}})
     progress = last["train_state"].get("epoch_progress")
     where = (f"epoch {progress['epoch']}, batch {progress['next_batch']}" if progress
              else f"the end of epoch {last['epoch']}")
@@ -572,13 +591,38 @@ def _claim(run_dir: Path, recipe: Recipe, mode: str, summary: dict | None = None
     atomic_write_json(run_dir / "summary.json", summary)
 
 
-def _warn_recipe_changes(stored: dict, recipe: Recipe) -> None:
-    current = recipe.to_dict()
-    changed = [f"{section}.{key}" for section, values in current.items() if isinstance(values, dict)
-               for key, value in values.items() if stored.get(section, {}).get(key) != value]
-    changed += [key for key, value in current.items() if not isinstance(value, dict) and stored.get(key) != value]
+# What a resumed run may do differently: how long it trains and how it saves, not what it trains.
+MAY_CHANGE_ON_RESUME = ("description", "train.epochs", "train.patience", "train.checkpoint_seconds",
+                        "train.workers", "train.device", "data.cache_dir", "distill.teacher_forward")
+
+
+def _refuse_recipe_changes(stored: dict, recipe: Recipe, run_dir: Path, epochs_done: int) -> None:
+    """Refuse to continue a run under settings it was not trained with (epochs at two resolutions, say);
+    the keys a resume may change are logged."""
+    changed = recipe_differences(stored, recipe.to_dict())
+    fixed = [c for c in changed if c.split(":")[0] not in MAY_CHANGE_ON_RESUME]
+    if fixed:
+        raise RecipeError(f"cannot resume {run_dir} with another recipe: {'; '.join(fixed[:6])}",
+                          hint=f"resume with the run's own values (see {run_dir / 'recipe.yaml'}; only "
+                               f"{', '.join(MAY_CHANGE_ON_RESUME[1:5])} may change), or start a new run "
+                               "without --resume")
+    if recipe.train.epochs < epochs_done:
+        raise RecipeError(f"cannot resume {run_dir} at train.epochs {recipe.train.epochs}: it has done "
+                          f"{epochs_done} epochs", hint=f"--set train.epochs={epochs_done} or more")
     if changed:
-        log.warning("resuming with a recipe that differs from the run's in: %s", ", ".join(changed))
+        log.warning("resuming with a recipe that differs from the run's in: %s", "; ".join(changed))
+
+
+def _check_resumable(recipe: Recipe, run_dir: Path | None) -> None:
+    """The early look at the run a --resume continues (its recipe.yaml), before any image is decoded."""
+    if run_dir is None or not (run_dir / "recipe.yaml").is_file():
+        return
+    try:
+        stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # its last.pt holds the recipe too, checked later
+        return
+    if isinstance(stored, dict):
+        _refuse_recipe_changes(stored, recipe, run_dir, int(read_summary(run_dir).get("epochs_done") or 0))
 
 
 def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
@@ -595,7 +639,7 @@ def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
 
 
 def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distributed.Distributed,
-                       device: torch.device) -> None:
+                       device: torch.device, resume: bool = False) -> None:
     """Everything that can be refused is refused before any image is decoded."""
     policy = make_policy(recipe.precision, device)
     if policy.warning and dist.main:
@@ -608,9 +652,11 @@ def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distrib
         resolve_teachers(recipe, artifacts)
     elif recipe.teacher.checkpoint or recipe.teacher.recipe:
         log.info("the recipe names a teacher; `edgekd train` ignores it and trains with cross-entropy only")
-    if dist.active and recipe.train.batch_size % dist.world:
-        raise RecipeError(f"train.batch_size {recipe.train.batch_size} does not split evenly over {dist.world} "
-                          f"processes", hint=f"use a multiple of {dist.world} (it is the global batch size)")
+    distributed.check_world_size(recipe.train.batch_size, dist.world)
+    if dist.main:
+        check_writable(artifacts)
+        if resume:
+            _check_resumable(recipe, latest_run_dir(artifacts, recipe.name))
     if dist.active and recipe.train.sync_batchnorm and device.type != "cuda":
         raise RecipeError("train.sync_batchnorm needs CUDA; on CPU each process normalises its own share",
                           hint="--set train.sync_batchnorm=false")
@@ -618,7 +664,7 @@ def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distrib
 
 def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Callbacks,
          dist: distributed.Distributed, device: torch.device) -> dict:
-    _check_before_work(recipe, mode, artifacts, dist, device)
+    _check_before_work(recipe, mode, artifacts, dist, device, resume)
     with dist.node_main_first():  # one process per node decodes; the others then read its cache
         dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
     teacher = load_teacher(recipe, artifacts, device, dataset) if mode == "distill" else None
@@ -640,9 +686,28 @@ def _record_setup_failure(run_dir: Path, exc: BaseException) -> None:
     if summary.get("status") != "running":
         return
     stopped = isinstance(exc, KeyboardInterrupt)
+    error = None if stopped else f"{exc.__class__.__name__}: {exc}"
+    before = summary.pop("resumed_from", None)
+    if isinstance(before, dict) and before.get("status") in ("finished", "early_stopped"):
+        # the run's own result stands; only this attempt to continue it failed
+        atomic_write_json(run_dir / "summary.json", {**summary, **before, "updated": _now(),
+                                                     "resume_failed": error or "interrupted"})
+        return
     atomic_write_json(run_dir / "summary.json", {
-        **summary, "status": "interrupted" if stopped else "failed", "updated": _now(),
-        "error": None if stopped else f"{exc.__class__.__name__}: {exc}"})
+        **summary, "status": "interrupted" if stopped else "failed", "updated": _now(), "error": error})
+
+
+def _restore(trainer: Trainer, last: dict, run_dir: Path) -> None:
+    """Rebuild the model and put last.pt's state into it; a file whose weights or state do not fit the
+    run's model (tampered, or from another edgekd) is a CheckpointError, not a traceback."""
+    try:
+        trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
+        trainer.restore(last)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise CheckpointError(f"{run_dir / 'last.pt'} does not fit this run's model "
+                              f"({exc.__class__.__name__}: {detail})",
+                              hint="start a new run without --resume (the folder is kept as it is)") from None
 
 
 def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: distributed.Distributed,
@@ -660,8 +725,7 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
             trainer.teacher_logits, trainer.views = prepare_teacher(recipe, dataset, teacher, device,
                                                                     trainer.train_split)
     if last is not None:
-        trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
-        trainer.restore(last)
+        _restore(trainer, last, run_dir)
     else:
         mean, std = input_normalisation(recipe, dataset)
         trainer.build(mean, std, pretrained=True)
