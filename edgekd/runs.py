@@ -114,8 +114,10 @@ def new_run_dir(root: Path, name: str) -> Path:
     return run_dir
 
 
-def check_writable(root: Path) -> None:
-    """Make the artifacts folder (or find it) and prove a file can be written there; EdgekdError if not."""
+def check_writable(root: Path, keep: bool = True) -> None:
+    """Prove a file can be written in folder `root` (made if missing); EdgekdError if not. With keep=False
+    the folders it made are removed again, so a check before any work leaves nothing behind."""
+    missing = [p for p in (root, *root.parents) if not os.path.lexists(p)]
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".edgekd-write-check.", dir=root)
@@ -123,6 +125,10 @@ def check_writable(root: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise _unwritable(root, exc) from None
+    finally:
+        for folder in [] if keep else missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _unwritable(root: Path, exc: OSError) -> EdgekdError:

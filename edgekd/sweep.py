@@ -237,7 +237,7 @@ def run_sweep(plan: SweepPlan, events: SweepEvents | None = None) -> dict:
     sweep = load_sweep(plan.sweep_file)
     sweep_dir = Path(plan.artifacts) / sweep.name
     members = plan_members(sweep, plan.overrides, sweep_dir)
-    check_writable(sweep_dir)
+    check_writable(sweep_dir, keep=False)
     export = sweep.export.enabled if plan.export is None else plan.export
     state = _initial_state(sweep, plan, members, sweep_dir)
     for index, member in enumerate(members, 1):

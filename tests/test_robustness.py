@@ -292,3 +292,137 @@ def test_random_metadata_as_a_model_gives_a_clear_message(tiny_model, tmp_path, 
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     if result.exit_code != 0:
         assert "Error:" in result.output or "error:" in result.output
+
+
+# ----- the training side of issue 29: damaged caches and run folders, unwritable places, continue lines ----
+
+def _decode_entry(tmp_path, split="train"):
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(f"{split}-")]
+    return entry
+
+
+@pytest.mark.parametrize("damage", ["truncated images.npy", "garbled index.json", "index.json of another shape",
+                                    "index.json a list", "labels of another length"])
+def test_a_damaged_decode_cache_is_decoded_again_with_one_warning(tmp_path, image_dataset, damage, caplog):
+    config = DataConfig(root=str(image_dataset), image_size=16)
+    good = np.array(open_dataset(config).splits["train"].images)
+    entry = _decode_entry(tmp_path)
+    if damage == "truncated images.npy":
+        (entry / "images.npy").write_bytes((entry / "images.npy").read_bytes()[:-500])
+    elif damage == "garbled index.json":
+        (entry / "index.json").write_bytes(b"\x89{not json")
+    elif damage == "index.json of another shape":
+        (entry / "index.json").write_text(json.dumps({"ids": "abc", "skipped": [], "labeled": True, "image_size": 16}))
+    elif damage == "index.json a list":
+        (entry / "index.json").write_text("[1, 2, 3]")
+    else:
+        np.save(entry / "labels.npy", np.zeros(3, np.int64))
+    with caplog.at_level("WARNING", logger="edgekd"):
+        again = open_dataset(config)
+    np.testing.assert_array_equal(np.array(again.splits["train"].images), good)
+    damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and "decoding it again" in damaged[0]
+    assert not [p for p in (tmp_path / "cache").iterdir() if "damaged" in p.name]
+
+
+def test_training_over_a_damaged_decode_cache_leaves_no_failed_run(tmp_path, teacher_recipe):
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "artifacts")
+    images = _decode_entry(tmp_path) / "images.npy"
+    images.write_bytes(images.read_bytes()[:1000])
+    result = CliRunner().invoke(cli, ["train", str(teacher_recipe), "--set", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    statuses = {d.name: json.loads((d / "summary.json").read_text())["status"]
+                for d in (tmp_path / "artifacts").iterdir()}
+    assert statuses == {"tiny_teacher": "finished", "tiny_teacher-2": "finished"}
+
+
+@pytest.mark.parametrize("content", ['[1, 2]', '"finished"', '{"status": 3, "mode": "train"}',
+                                     '{"status": "running", "process": "pid 7"}',
+                                     '{"status": "running", "process": {"pid": "x", "host": "%HOST%"}}',
+                                     '{"status": "running", "process": {"pid": 99999999999999999999, "host": "%HOST%"}}',
+                                     '{"updated": 5, "mode": "distill"}', '\x00\x01'])
+def test_a_damaged_summary_of_the_right_json_but_wrong_shape_never_blocks_a_lookup(tmp_path, teacher_recipe,
+                                                                                  content, caplog):
+    import socket
+
+    from edgekd.runs import latest_run, read_summary
+
+    artifacts = tmp_path / "artifacts"
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
+    bad = artifacts / "zz_damaged"
+    bad.mkdir()
+    (bad / "best.pt").write_bytes(b"")
+    (bad / "summary.json").write_text(content.replace("%HOST%", socket.gethostname()))
+    with caplog.at_level("WARNING", logger="edgekd"):
+        assert latest_run(artifacts) == artifacts / "tiny_teacher"
+        summary = read_summary(bad)
+    assert summary.get("status") in (None, "running")
+    result = CliRunner().invoke(cli, ["evaluate", "--split", "val"])
+    assert result.exit_code == 0 and "using the newest run" in result.output and "Traceback" not in result.output
+
+
+def test_metrics_lines_that_are_json_but_not_records_end_the_log(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n[2]\n{"epoch": 3}\n')
+    assert log.read() == [{"epoch": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": "2"}\n')
+    assert log.truncate_to_epoch(5) == [{"epoch": 1}]
+
+
+@pytest.mark.parametrize("command", ["train", "distill", "sweep"])
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_an_unwritable_artifacts_folder_is_one_clear_error_before_any_work(tmp_path, teacher_recipe,
+                                                                            student_recipe, command, where):
+    (tmp_path / "a-file").write_text("")
+    artifacts = str(tmp_path / "a-file" / "runs") if where == "under a file" else "/proc/edgekd-artifacts"
+    target = {"train": teacher_recipe, "distill": student_recipe}.get(command)
+    if command == "sweep":
+        target = tmp_path / "s_sweep.yaml"
+        target.write_text(f"teacher: {teacher_recipe}\nbaselines: none\n")
+    if command == "distill":  # a teacher to distil from, so the refusal is about the folder
+        run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "artifacts")
+        student = write_recipe(tmp_path / "st.yaml", tmp_path / "colours",
+                               teacher={"checkpoint": str(tmp_path / "artifacts" / "tiny_teacher")})
+        target = student
+    result = CliRunner().invoke(cli, [command, str(target), "--artifacts", artifacts])
+    assert result.exit_code == 1, result.output
+    assert f"Error: cannot write runs under {artifacts}" in result.output and "--artifacts DIR" in result.output
+    assert isinstance(result.exception, SystemExit)
+    cache_entries = list((tmp_path / "cache").glob("*px-*")) if (tmp_path / "cache").exists() else []
+    assert command == "distill" or not cache_entries  # refused before decoding
+
+
+def test_the_continue_command_resumes_that_very_run(tmp_path, teacher_recipe, monkeypatch):
+    import shlex
+
+    import edgekd.cli as cli_module
+    from edgekd.train.trainer import Callbacks
+
+    class CtrlC(Callbacks):
+        def on_epoch_end(self, record):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_progress_callbacks", lambda quiet: CtrlC())
+    other = tmp_path / "elsewhere runs"
+    args = ["train", str(teacher_recipe), "--set", "name=my run'x", "--set", "name=renamed",
+            "--set", "train.lr=0.02", "--artifacts", str(other), "--precision", "fp32"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130
+    line = result.output.split("Continue with: ")[1].strip()
+    words = shlex.split(line)
+    assert words == ["edgekd", *args, "--resume"]
+    monkeypatch.undo()
+    again = CliRunner().invoke(cli, words[1:])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in other.iterdir()) == ["renamed"] and not (tmp_path / "artifacts").exists()
+    summary = json.loads((other / "renamed" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert "resuming" in again.output
+
+
+def test_a_resume_with_no_best_checkpoint_does_not_claim_one(tmp_path, teacher_recipe):
+    run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts")
+    (tmp_path / "artifacts" / "tiny_teacher" / "best.pt").unlink()
+    result = CliRunner().invoke(cli, ["train", str(teacher_recipe), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "saved     " not in result.output and "no best.pt in" in result.output

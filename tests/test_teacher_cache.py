@@ -1,3 +1,4 @@
+import json
 import logging
 
 import numpy as np
@@ -90,3 +91,34 @@ def test_a_student_at_a_lower_resolution_learns_from_logits_at_the_teachers(tmp_
     run(load_recipe(student_recipe, ["data.image_size=12", "distill.cache_teacher_logits=false", "train.epochs=1"]),
         "distill", tmp_path / "artifacts")
     assert set(seen_sizes) == {12, 16}  # the student's view, and the teacher's resized copy of it
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong shape", "not an array"])
+def test_damaged_logits_are_computed_again_with_one_warning_never_read(teacher, teacher_recipe, damage, caplog):
+    model, meta = load_model(teacher)
+    entry = open_dataset(load_recipe(teacher_recipe).data).entries["train"]
+    good = np.array(cached_teacher_logits(model, file_sha256(teacher), 3, entry, torch.device("cpu")))
+    (path,) = sorted((entry.path.parent / "teacher-logits").glob("*.npy"))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-40])
+    elif damage == "wrong shape":
+        np.save(path, np.zeros((len(good), 5), np.float16))
+    else:
+        path.write_bytes(b"PK\x03\x04 not an npy file")
+    with caplog.at_level(logging.WARNING, logger="edgekd"):
+        again = cached_teacher_logits(model, file_sha256(teacher), 3, entry, torch.device("cpu"))
+    np.testing.assert_array_equal(np.array(again), good)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "are damaged" in warnings[0].getMessage()
+    assert [p.name for p in (entry.path.parent / "teacher-logits").iterdir()] == [path.name]  # nothing left aside
+
+
+def test_a_distillation_over_a_damaged_logit_cache_runs_and_leaves_no_failed_run(tmp_path, teacher, student_recipe):
+    run(load_recipe(student_recipe, ["train.epochs=1"]), "distill", tmp_path / "artifacts")
+    (path,) = _logit_files(tmp_path)
+    path.write_bytes(path.read_bytes()[:100])
+    summary = run(load_recipe(student_recipe, ["train.epochs=1"]), "distill", tmp_path / "artifacts")
+    assert summary["status"] == "finished"
+    statuses = [json.loads((d / "summary.json").read_text())["status"]
+                for d in (tmp_path / "artifacts").iterdir() if d.name.startswith("tiny_student")]
+    assert statuses == ["finished", "finished"]

@@ -329,3 +329,121 @@ def test_an_ensemble_teacher_averages_its_members_logits(tmp_path, teacher_recip
     assert summary["teacher"]["checkpoint"] == f"{paths[0]} + {paths[1]}"
     with pytest.raises(CheckpointError, match="teacher.ensemble member"):
         run(load_recipe(student_recipe, [f"teacher.ensemble=[{tmp_path / 'missing.pt'}]"]), "distill", tmp_path / "a")
+
+
+# ----- bad input on the training side (issue 29) --------------------------------------------------------
+
+def _nan_on_call(monkeypatch, call: int):
+    """Make the training loss NaN from its `call`-th evaluation on (as a 1e30 learning rate would)."""
+    import edgekd.train.trainer as trainer_module
+
+    real, calls = trainer_module.ce_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        value = real(*args, **kwargs)
+        return value * float("nan") if len(calls) >= call else value
+
+    monkeypatch.setattr(trainer_module, "ce_loss", loss)
+
+
+def test_a_nan_loss_stops_the_run_at_once_naming_epoch_and_batch(tmp_path, teacher_recipe, monkeypatch):
+    from edgekd.errors import EdgekdError
+
+    _nan_on_call(monkeypatch, 6)  # 4 batches per epoch: epoch 2, batch 2
+    with pytest.raises(EdgekdError, match=r"training diverged: the training loss is nan at epoch 2, batch 2 of 4"):
+        run(load_recipe(teacher_recipe, ["train.epochs=5"]), "train", tmp_path / "artifacts")
+    summary = json.loads((tmp_path / "artifacts" / "tiny_teacher" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "diverged" in summary["error"]
+    assert [r["epoch"] for r in MetricsLog(tmp_path / "artifacts" / "tiny_teacher" / "metrics.jsonl").read()] == [1]
+
+
+def _poison(path, value=float("nan")):
+    payload = torch.load(path, weights_only=True)
+    for tensor in payload["state_dict"].values():
+        if tensor.is_floating_point():
+            tensor.fill_(value)
+    torch.save(payload, path)
+
+
+def test_a_nan_teacher_never_teaches(tmp_path, teacher_recipe, student_recipe, image_dataset, caplog):
+    import shutil
+
+    artifacts = tmp_path / "artifacts"
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
+    # a newer teacher run that "finished" at NaN (as edgekd before the divergence check let one)
+    shutil.copytree(artifacts / "tiny_teacher", artifacts / "tiny_teacher-2")
+    _poison(artifacts / "tiny_teacher-2" / "best.pt")
+    summary = run(load_recipe(student_recipe, ["train.epochs=1"]), "distill", artifacts)
+    assert summary["teacher"]["checkpoint"].endswith("tiny_teacher/best.pt")
+    assert "passing over" in caplog.text and "NaN or infinite weights" in caplog.text
+    explicit = write_recipe(tmp_path / "explicit.yaml", image_dataset,
+                            teacher={"checkpoint": str(artifacts / "tiny_teacher-2")})
+    with pytest.raises(CheckpointError, match="holds NaN or infinite weights .* cannot be a teacher"):
+        run(load_recipe(explicit), "distill", artifacts)
+    _poison(artifacts / "tiny_teacher" / "best.pt", float("inf"))
+    with pytest.raises(CheckpointError, match=r"tiny_teacher-2, tiny_teacher cannot teach"):
+        run(load_recipe(student_recipe), "distill", artifacts)
+
+
+def test_a_checkpoint_whose_model_does_not_fit_its_weights_is_a_checkpoint_error(tmp_path, teacher_recipe,
+                                                                                 student_recipe):
+    from edgekd.evaluate import evaluate_checkpoint
+
+    artifacts = tmp_path / "artifacts"
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
+    best = artifacts / "tiny_teacher" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["model"]["args"]["blocks"] = 5  # the metadata now describes another model
+    torch.save(payload, best)
+    with pytest.raises(CheckpointError, match="its stored model does not fit its weights"):
+        evaluate_checkpoint(best, "val")
+    with pytest.raises(CheckpointError, match="its stored model does not fit its weights"):
+        run(load_recipe(student_recipe, ["train.epochs=1", f"teacher.checkpoint={best}"]), "distill", artifacts)
+    last = artifacts / "tiny_teacher" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    payload["state_dict"] = {k: v[:1] if v.dim() else v for k, v in payload["state_dict"].items()}
+    torch.save(payload, last)
+    with pytest.raises(CheckpointError, match="last.pt does not fit this run's model"):
+        run(load_recipe(teacher_recipe, ["train.epochs=2"]), "train", artifacts, resume=True)
+    # the failed attempt to continue leaves the finished run finished
+    summary = json.loads((artifacts / "tiny_teacher" / "summary.json").read_text())
+    assert summary["status"] == "finished" and "does not fit" in summary["resume_failed"]
+
+
+def test_resuming_with_a_changed_recipe_is_refused_before_anything_is_written(tmp_path, teacher_recipe):
+    from edgekd.errors import RecipeError
+
+    artifacts = tmp_path / "artifacts"
+    run(load_recipe(teacher_recipe), "train", artifacts)
+    run_dir = artifacts / "tiny_teacher"
+    before = {name: (run_dir / name).read_bytes() for name in ("recipe.yaml", "summary.json", "last.pt")}
+    for override, named in [("data.image_size=24", "data.image_size: 16 then, 24 now"),
+                            ("model.blocks=2", "model.blocks: 3 then, 2 now"),
+                            ("precision=bf16", "precision: 'fp32' then, 'bf16' now"),
+                            ("train.lr=0.5", "train.lr: 0.01 then, 0.5 now")]:
+        with pytest.raises(RecipeError, match="cannot resume .* with another recipe") as err:
+            run(load_recipe(teacher_recipe, [override]), "train", artifacts, resume=True)
+        assert named in str(err.value) and "recipe.yaml" in err.value.hint
+    with pytest.raises(RecipeError, match="it has done 2 epochs"):
+        run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts, resume=True)
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not (artifacts / "tiny_teacher-2").exists()
+    # what only says how long to train may change
+    summary = run(load_recipe(teacher_recipe, ["train.epochs=3", "train.checkpoint_seconds=30"]), "train",
+                  artifacts, resume=True)
+    assert summary["status"] == "finished" and summary["epochs_done"] == 3
+
+
+def test_nproc_that_does_not_divide_the_batch_is_refused_before_torchrun(tmp_path, teacher_recipe, monkeypatch):
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from edgekd.cli import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("torchrun was started"))
+    result = CliRunner().invoke(cli, ["train", str(teacher_recipe), "--nproc", "5"])
+    assert result.exit_code == 2 and "train.batch_size 12 does not split evenly over 5 processes" in result.output
+    assert "--set train.batch_size=10" in result.output

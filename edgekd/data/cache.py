@@ -90,7 +90,7 @@ def _open(folder: Path, name: str, image_size: int) -> CachedSplit:
     try:
         images = np.load(folder / "images.npy", mmap_mode="r")
         labels = np.load(folder / "labels.npy") if index["labeled"] else None
-    except (OSError, ValueError, EOFError) as exc:  # a truncated .npy cannot be mapped: ValueError
+    except Exception as exc:  # noqa: BLE001 (truncated: ValueError; a zip under the name: BadZipFile; ...)
         raise DamagedCache(f"{exc.__class__.__name__}: {exc}") from None
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.shape != (rows, image_size,
                                                                                           image_size, 3):

@@ -653,13 +653,13 @@ def _check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distrib
     elif recipe.teacher.checkpoint or recipe.teacher.recipe:
         log.info("the recipe names a teacher; `edgekd train` ignores it and trains with cross-entropy only")
     distributed.check_world_size(recipe.train.batch_size, dist.world)
-    if dist.main:
-        check_writable(artifacts)
-        if resume:
-            _check_resumable(recipe, latest_run_dir(artifacts, recipe.name))
     if dist.active and recipe.train.sync_batchnorm and device.type != "cuda":
         raise RecipeError("train.sync_batchnorm needs CUDA; on CPU each process normalises its own share",
                           hint="--set train.sync_batchnorm=false")
+    if dist.main:
+        check_writable(artifacts, keep=False)
+        if resume:
+            _check_resumable(recipe, latest_run_dir(artifacts, recipe.name))
 
 
 def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Callbacks,
