@@ -210,3 +210,43 @@ def test_an_export_that_cannot_meet_the_gate_is_recorded_and_the_sweep_goes_on(t
     export = state["members"]["s"]["export"]
     assert export["failures"]["export"] == ["int8: no float layers within the cap met the gate (-3.00 pts)"]
     assert (tmp_path / "artifacts" / "tiny" / "s" / "validation.json").is_file()  # fp32 still validated
+
+
+def test_the_sweeps_continue_line_keeps_artifacts_overrides_and_export(tmp_path, image_dataset, monkeypatch):
+    import shlex
+
+    import edgekd.sweep as sweep_module
+
+    path = write_sweep(tmp_path, image_dataset, baselines="none")
+
+    def interrupted(plan, events):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run_sweep", interrupted)
+    args = ["sweep", str(path), "--set", "train.epochs=1", "--set", "data.root=a folder", "--artifacts",
+            str(tmp_path / "my runs"), "--no-export"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 130
+    assert shlex.split(result.output.split("Continue with the same command: ")[1]) == ["edgekd", *args]
+
+
+def test_a_damaged_sweep_json_is_passed_over_by_the_newest_sweep_lookup(tmp_path, caplog):
+    from edgekd.sweep import find_sweep_dirs
+
+    for name, content in [("good", '{"members": {"t": {"name": "t"}}}'), ("list", "[1]"),
+                          ("members_list", '{"members": [1]}'), ("member_str", '{"members": {"t": "x"}}'),
+                          ("garbled", "\x00{")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(content)
+    with caplog.at_level("WARNING", logger="edgekd"):
+        assert find_sweep_dirs(tmp_path) == [tmp_path / "good"]
+    assert caplog.text.count("that sweep is skipped") == 4
+
+
+def test_a_resumed_member_under_other_settings_is_refused_not_mixed(tmp_path, image_dataset):
+    path = write_sweep(tmp_path, image_dataset, baselines="none")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(SweepPlan(path, ["train.epochs=2"], tmp_path / "artifacts"), Recorder({"t": 1}))
+    with pytest.raises(RecipeError, match="cannot resume .* data.image_size: 16 then, 12 now"):
+        run_sweep(SweepPlan(path, ["train.epochs=2", "data.image_size=12"], tmp_path / "artifacts"))
+    assert json.loads((tmp_path / "artifacts" / "tiny" / "t" / "summary.json").read_text())["status"] == "interrupted"
