@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from dataclasses import dataclass
 
 FORMAT = "edgekd.onnx/1"
@@ -43,6 +44,9 @@ NORMALIZATIONS = ("in-graph",)
 # allocate gigabytes per photo before the graph check could refuse it.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 1, 2048
 MAX_CLASSES, MAX_NAME_LENGTH = 100_000, 200
+# Unicode categories a class name may not hold: controls (newline, tab, escape), format characters (bidi
+# overrides, zero-width), line and paragraph separators, surrogates, private-use and unassigned code points.
+_UNSHOWN = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def model_info_from_metadata(metadata: dict[str, str], source: str = "model") -> ModelInfo:
@@ -89,9 +93,9 @@ def _class_names(text: str) -> list[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise _BadField(f"class_names[{i}] must be a non-empty string, not {_shown(name)}")
-        # a newline or tab would forge output lines and columns; other control characters garble terminals
-        if len(name) > MAX_NAME_LENGTH or any(not ch.isprintable() for ch in name):
-            raise _BadField(f"class_names[{i}] {_shown(name)} holds control characters or is over "
+        # a newline or tab would forge output lines and columns, a bidi override reorder them on screen
+        if len(name) > MAX_NAME_LENGTH or any(unicodedata.category(ch) in _UNSHOWN for ch in name):
+            raise _BadField(f"class_names[{i}] {_shown(name)} holds control or invisible characters or is over "
                             f"{MAX_NAME_LENGTH} characters")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

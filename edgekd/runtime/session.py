@@ -32,29 +32,42 @@ def check_model_file(path: str | Path) -> Path:
     cannot hang this either.
     """
     path = Path(path)
-    hint = "pass an .onnx file written by `edgekd export`"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        reasons = {errno.ENOENT: "does not exist", errno.ELOOP: "is a symlink loop",
-                   errno.EACCES: "cannot be read (permission denied)", errno.EISDIR: "is a directory",
-                   errno.ENOTDIR: "does not exist (a part of its path is a file)"}
-        if exc.errno == errno.ENOENT and path.is_symlink():
-            reasons[errno.ENOENT] = f"is a symlink to a missing file ({os.readlink(path)})"
-        raise EdgekdError(f"model {path} {reasons.get(exc.errno, f'cannot be opened ({exc.strerror})')}",
-                          hint=hint) from exc
+        raise _not_a_model(path, _open_failure(path, exc)) from exc
     try:
         info = os.fstat(fd)
     finally:
         os.close(fd)
     if not stat.S_ISREG(info.st_mode):
-        kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
-                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
-        raise EdgekdError(f"model {path} is {kind.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, "
-                          f"not a model file", hint=hint)
+        raise _not_a_model(path, f"is {_KINDS.get(stat.S_IFMT(info.st_mode), 'not a regular file')}, not a model file")
     if info.st_size == 0:
-        raise EdgekdError(f"model {path} is an empty file", hint=hint)
+        raise _not_a_model(path, "is an empty file")
     return path
+
+
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def _open_failure(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return f"is a symlink to a missing file ({os.readlink(path)})" if path.is_symlink() else "does not exist"
+    reasons = {errno.ELOOP: "is a symlink loop", errno.EACCES: "cannot be read (permission denied)",
+               errno.EPERM: "cannot be read (permission denied)", errno.EISDIR: "is a directory",
+               errno.ENOTDIR: "does not exist (a part of its path is a file)"}
+    if exc.errno in reasons:
+        return reasons[exc.errno]
+    try:  # a socket or a device opens with errors of its own (ENXIO, ENODEV): name what it is instead
+        kind = _KINDS.get(stat.S_IFMT(os.stat(path).st_mode))
+    except OSError:
+        kind = None
+    return f"is {kind}, not a model file" if kind else f"cannot be opened ({exc.strerror or exc})"
+
+
+def _not_a_model(path: Path, reason: str) -> EdgekdError:
+    return EdgekdError(f"model {path} {reason}", hint="pass an .onnx file written by `edgekd export`")
 
 
 def open_session(path: str | Path, provider: str = "cpu", threads: int | None = None,
