@@ -73,8 +73,8 @@ class ExportPlan:
 
 def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     """Export fp32 (always: it is the reference the others derive from) and the requested precisions."""
+    model, payload, sha256 = _load_finite_model(plan.checkpoint)  # before the folder is made: a bad one makes none
     _check_writable(plan.out_dir)
-    model, payload, sha256 = _load_finite_model(plan.checkpoint)
     stem = payload.get("run") or plan.checkpoint.parent.name
     _check_targets([plan.out_dir / f"{stem}.{p}.onnx" for p in ["fp32", *plan.precisions]])
     run_status = _training_status(plan.checkpoint)
