@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 from edgekd.errors import EdgekdError
 from edgekd.runtime.model_info import ModelInfo, NotAnEdgekdModel
 from edgekd.runtime.preprocess import IMAGE_SUFFIXES, RESIZE_METHOD, ImageDecodeError, load_rgb
-from edgekd.runtime.session import as_input, available_providers, open_session, session_model_info
+from edgekd.runtime.session import (as_input, available_providers, check_model_file, open_session,
+                                    session_model_info)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class ExportedModel:
     info: ModelInfo = field(init=False)
 
     def __post_init__(self) -> None:
+        check_model_file(self.path)  # before any runtime opens it: a named pipe would block it forever
         if self.provider not in available_providers():
             raise EdgekdError(f"onnxruntime here has no {self.provider} provider",
                               hint=f"available: {', '.join(available_providers())}")
@@ -69,7 +72,7 @@ class ExportedModel:
         try:
             self.info = session_model_info(self.session, str(self.path))
         except NotAnEdgekdModel as exc:
-            raise EdgekdError(str(exc)) from exc
+            raise EdgekdError(str(exc), hint="re-export the model with `edgekd export`") from exc
         if self.info.resize != RESIZE_METHOD:
             raise EdgekdError(f"{self.path}: resize method {self.info.resize!r} is unknown to this edgekd",
                               hint="upgrade edgekd")
@@ -102,9 +105,25 @@ class ExportedModel:
         except Exception as exc:  # onnxruntime's own exception types
             raise EdgekdError(f"{self.path}: the model failed to run ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from exc
+        self._check_outputs(raw, len(pixels))
         logits = raw.astype(np.float64)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         return exp / exp.sum(axis=1, keepdims=True)
+
+    def _check_outputs(self, raw: np.ndarray, images: int) -> None:
+        """Pixels are always bounded, so logits of the wrong shape or NaN/inf mean a broken model, not a bad
+        photo: refuse it rather than print `nan` as a probability."""
+        classes = len(self.info.class_names)
+        if raw.shape != (images, classes):
+            raise EdgekdError(f"{self.path}: the model returned logits of shape {list(raw.shape)} for {images} "
+                              f"photo(s), its metadata lists {classes} classes",
+                              hint="re-export the model with `edgekd export`")
+        if not np.isfinite(raw).all():
+            bad = int((~np.isfinite(raw)).any(axis=1).sum())
+            raise EdgekdError(f"{self.path}: the model's output is not finite (NaN or inf) for {bad} photo(s) "
+                              f"of a batch of {images}: the model is broken",
+                              hint="a model trained to NaN loss or exported from NaN weights cannot classify; "
+                                   "retrain (e.g. with a lower train.lr) and export again")
 
     def classify(self, files: list[Path], top_k: int = 3, batch_size: int = 16,
                  workers: int | None = None) -> Iterator[Prediction | Failure]:
@@ -168,27 +187,52 @@ def _in_order(classify_batch, batches: list[list[Path]], top_k: int,
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
-    """Files as given (missing ones too: they fail later with a clear line); folders → their images."""
+    """Files as given (missing ones too: they fail later with a clear line); folders → their images.
+
+    Nothing to classify at all is an error, so an empty or mistyped folder never passes as success."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not p.name.startswith("."))
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith("."))
+            if not found and len(paths) > 1:
+                log.warning("%s holds no photos", path)
+            files += found
         else:
             files.append(path)
+    if not files:
+        raise EdgekdError(f"no photos in {', '.join(paths)}",
+                          hint=f"pass image files, or folders holding {', '.join(sorted(IMAGE_SUFFIXES))} files")
     return files
 
 
 def newest_export(root: Path, provider: str) -> Path:
     """The newest export under artifacts/, in the variant that suits the provider."""
-    exports = sorted(root.glob("*/exports/*.onnx"), key=lambda p: p.stat().st_mtime)
+    found = {path: _regular_file_mtime(path) for path in root.glob("*/exports/*.onnx")}
+    exports = sorted((p for p, mtime in found.items() if mtime is not None), key=found.__getitem__)
     if not exports:
-        raise EdgekdError(f"no exported model under {root}/",
+        skipped = sorted(str(p) for p, mtime in found.items() if mtime is None)
+        raise EdgekdError(f"no exported model under {root}/" + (f" (skipped, not regular files: "
+                                                                f"{', '.join(skipped)})" if skipped else ""),
                           hint="run `edgekd export --int8` first, or pass --model FILE")
     newest_dir = exports[-1].parent
-    by_precision = {p.name.rsplit(".", 2)[-2]: p for p in newest_dir.glob("*.onnx")}
+    by_precision = {p.name.rsplit(".", 2)[-2]: p for p in exports if p.parent == newest_dir}
     for precision in PREFERRED[provider]:
         if precision in by_precision:
             return by_precision[precision]
     return exports[-1]
+
+
+def _regular_file_mtime(path: Path) -> float | None:
+    """A file's modification time; None (and a warning) for what is not a regular file: a named pipe, a
+    directory, a dangling link or a link loop named *.onnx must not be chosen, nor crash the lookup."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        log.warning("skipping %s: %s", path, exc.strerror or exc)
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        log.warning("skipping %s: not a regular file", path)
+        return None
+    return info.st_mtime

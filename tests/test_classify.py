@@ -12,6 +12,7 @@ from PIL import Image
 
 from edgekd.classify import ExportedModel, Failure, expand_inputs
 from edgekd.cli import cli
+from edgekd.errors import EdgekdError
 from edgekd.export import ExportPlan, export_checkpoint
 from edgekd.runtime.preprocess import ImageDecodeError, load_rgb, open_image
 
@@ -189,3 +190,43 @@ def test_without_a_model_the_newest_export_suits_the_provider(distilled_run, pho
     result = _invoke(photos[0] / "rgb.jpg")
     assert result.exit_code == 0, result.output
     assert "using the newest export:" in result.output and "tiny_student.int8.onnx" in result.output
+
+
+def _outputs_nan(model_file, path):
+    """The real export with its logits multiplied by NaN: a model that learnt NaN weights answers so."""
+    model = onnx.load(model_file)
+    graph = model.graph
+    logits = graph.output[0].name
+    for node in graph.node:  # the last node now writes an inner tensor that one Mul turns into NaN
+        node.output[:] = [f"{o}_inner" if o == logits else o for o in node.output]
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    graph.node.append(onnx.helper.make_node("Mul", [f"{logits}_inner", "nan"], [logits]))
+    onnx.save(model, path)
+    return path
+
+
+def test_a_model_that_outputs_nan_is_refused_not_printed(model_file, photos, tmp_path):
+    result = _invoke("--model", _outputs_nan(model_file, tmp_path / "nan.onnx"), photos[0])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "the model's output is not finite (NaN or inf)" in result.output and "nan" not in result.stdout
+
+
+def test_a_folder_without_photos_is_an_error(model_file, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _invoke("--model", model_file, tmp_path / "empty")
+    assert result.exit_code == 1 and f"no photos in {tmp_path / 'empty'}" in result.output
+    with pytest.raises(EdgekdError, match="no photos"):
+        expand_inputs([str(tmp_path / "empty")])
+
+
+def test_tampered_metadata_of_a_real_export_names_the_field(model_file, photos, tmp_path):
+    for key, value, message in (("class_names", '"abc"', "class_names must be a non-empty JSON list"),
+                                ("class_names", '["buildings", "forest"]', "lists 2 classes, the graph outputs 3"),
+                                ("image_size", "20000", "image_size 20000 is outside"),
+                                ("std", "[0, 1, 1]", "std [0.0, 1.0, 1.0] must be finite and positive"),
+                                ("precision", "int4", "precision 'int4' is not one of")):
+        model = onnx.load(model_file)
+        next(p for p in model.metadata_props if p.key == key).value = value
+        onnx.save(model, tmp_path / "tampered.onnx")
+        result = _invoke("--model", tmp_path / "tampered.onnx", photos[0] / "rgb.jpg")
+        assert result.exit_code == 1 and message in result.output and result.stdout == "", (key, result.output)

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from edgekd.cli import cli
 from edgekd.data import open_dataset
+from edgekd.errors import CheckpointError
 from edgekd.export import ExportError, ExportPlan, export_checkpoint
 from edgekd.export import exporter as exporter_module
 from edgekd.recipe import recipe_from_dict
@@ -263,3 +265,99 @@ def test_fp8_is_measured_through_an_fp32_twin_with_the_same_logits(exports, dist
         np.testing.assert_allclose(graph_logits(fp8_as_fp32(fp32, keep_float=keep), pixels),
                                    graph_logits(to_fp8(fp32, keep_float=keep), pixels), atol=1e-5, rtol=0)
     assert "net.stem.0.weight" in {i.name for i in to_fp8(fp32, keep_float=[stem]).graph.initializer}
+
+
+# ----- bad input: checkpoints, runs in training, moved datasets -------------------------------------------
+
+def _copied_run(distilled_run, folder, edit=None):
+    """A copy of the distilled run's best.pt (and summary.json) in `folder`, its payload changed by `edit`."""
+    payload = torch.load(distilled_run / "best.pt", weights_only=True)
+    if edit:
+        edit(payload)
+    folder.mkdir(parents=True)
+    torch.save(payload, folder / "best.pt")
+    return folder
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_checkpoint_is_never_exported_not_even_to_int8(distilled_run, tmp_path, value):
+    run = _copied_run(distilled_run, tmp_path / "diverged",
+                      lambda p: p["state_dict"]["net.stem.0.weight"].view(-1).__setitem__(0, value))
+    result = CliRunner().invoke(cli, ["export", str(run), "--int8", "--calibration-images", "12"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "holds non-finite weights (NaN or inf) in 1 tensor(s), e.g. net.stem.0.weight" in result.output
+    assert "scale issue" not in result.output and not (run / "exports").exists()
+
+
+def test_finite_weights_whose_logits_overflow_are_not_exported(distilled_run, tmp_path):
+    run = _copied_run(distilled_run, tmp_path / "overflow",
+                      lambda p: p["state_dict"]["net.head.3.weight"].fill_(3e38))
+    with pytest.raises(CheckpointError, match="PyTorch logits are not finite"):
+        export_checkpoint(ExportPlan(run / "best.pt", ["int8"], tmp_path / "out"))
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_nan_export_never_passes_the_fp32_comparison(distilled_run, tmp_path, monkeypatch):
+    """NaN compares false with everything: `diff > tolerance` let a NaN file through as agreeing."""
+    real = exporter_module.run_logits
+    monkeypatch.setattr(exporter_module, "run_logits", lambda session, pixels: real(session, pixels) * np.nan)
+    with pytest.raises(ExportError, match="fp32 export's logits are not finite .* the file was not written"):
+        export_checkpoint(ExportPlan(distilled_run / "best.pt", ["fp32"], tmp_path))
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failing_int8_quantiser_is_a_clear_error(distilled_run, tmp_path, monkeypatch):
+    def scale_issue(self):
+        raise AssertionError("scale issue")
+
+    monkeypatch.setattr(exporter_module.Int8Quantizer, "__enter__", scale_issue)
+    result = CliRunner().invoke(cli, ["export", str(distilled_run / "best.pt"), "--int8", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "onnxruntime's int8 quantiser failed (AssertionError: scale issue); no int8 file was written" in result.output
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["tiny_student.fp32.onnx"]
+
+
+def test_a_checkpoint_whose_model_does_not_fit_its_weights_is_named(distilled_run, tmp_path):
+    run = _copied_run(distilled_run, tmp_path / "edited", lambda p: p["model"]["args"].update(blocks=7))
+    result = CliRunner().invoke(cli, ["export", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "its stored model does not fit its weights" in result.output and "are missing" not in result.output
+    assert "belong to no layer (e.g. net.blocks.7" in result.output
+
+
+def test_export_of_a_run_still_training_warns_and_records_it(distilled_run, tmp_path, monkeypatch):
+    from edgekd.runs import atomic_write_json, process_identity
+    from edgekd.train import checkpoint as checkpoint_module
+
+    run = _copied_run(distilled_run, tmp_path / "training")
+    summary = json.loads((distilled_run / "summary.json").read_text())
+    atomic_write_json(run / "summary.json", {**summary, "status": "running", "process": process_identity(),
+                                             "epochs_done": 2})
+    # best.pt is replaced once while it is read, as a run saving a new best would
+    real_load, calls = checkpoint_module.load_model, []
+
+    def load_then_replace(path, *args):
+        loaded = real_load(path, *args)
+        if not calls:
+            calls.append(path)
+            torch.save({**torch.load(run / "best.pt", weights_only=True), "saved": "later"}, run / "best.pt")
+        return loaded
+
+    monkeypatch.setattr(checkpoint_module, "load_model", load_then_replace)
+    result = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"{run} is still being trained (pid {os.getpid()}" in result.output and "epoch 2 of" in result.output
+    assert "was replaced while it was read" in result.output
+    meta = {p.key: p.value for p in onnx.load(tmp_path / "out" / "tiny_student.fp32.onnx").metadata_props}
+    assert meta["run_status"] == "running"
+    from edgekd.train.checkpoint import file_sha256
+
+    assert meta["checkpoint_sha256"] == file_sha256(run / "best.pt")  # the weights it holds, the file now
+
+
+def test_a_moved_dataset_hints_at_export_s_own_data_option(distilled_run, tmp_path):
+    run = _copied_run(distilled_run, tmp_path / "moved",
+                      lambda p: p["recipe"]["data"].update(root=str(tmp_path / "gone")))
+    result = CliRunner().invoke(cli, ["export", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--data PATH" in result.output and "--set" not in result.output

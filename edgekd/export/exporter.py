@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 import edgekd
-from edgekd.errors import EdgekdError
+from edgekd.errors import CheckpointError, DataError, EdgekdError
 from edgekd.export.onnx_fp32 import INPUT_NAME, export_fp32, opset_of, torch_logits
 from edgekd.export.precisions import Int8Quantizer, to_fp16
 from edgekd.export.search import (SENSITIVITY_IMAGES, GateLimits, HeldOut, LayerwiseFp8, LayerwiseInt8, meet_gate,
@@ -73,24 +73,25 @@ class ExportPlan:
 
 def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     """Export fp32 (always: it is the reference the others derive from) and the requested precisions."""
-    from edgekd.train.checkpoint import checkpoint_dataset, file_sha256, load_model
-
+    model, payload, sha256 = _load_finite_model(plan.checkpoint)  # before the folder is made: a bad one makes none
     _check_writable(plan.out_dir)
-    model, payload = load_model(plan.checkpoint)
-    recipe, dataset = checkpoint_dataset(payload, ("train", "val"), plan.data_root)
+    stem = payload.get("run") or plan.checkpoint.parent.name
+    _check_targets([plan.out_dir / f"{stem}.{p}.onnx" for p in ["fp32", *plan.precisions]])
+    run_status = _training_status(plan.checkpoint)
+    recipe, dataset = _dataset(payload, plan.data_root)
     if plan.calibration_images is None:
         plan.calibration_images = recipe.export.calibration_images
     if plan.keep_float is None:
         plan.keep_float = list(recipe.export.keep_float)
     if plan.calibration_method is None:
         plan.calibration_method = recipe.export.calibration_method
-    reference_pixels = _sample(dataset.splits["val"], 256, seed=0, balanced=False)
-    reference = torch_logits(model, reference_pixels)
+    reference_pixels, reference = _reference(model, dataset, plan.checkpoint)
     fp32, exporter = export_fp32(model, payload["image_size"])
-    info = _model_info(payload, file_sha256(plan.checkpoint), exporter, opset_of(fp32))
-    stem = payload.get("run") or plan.checkpoint.parent.name
+    info = _model_info(payload, sha256, exporter, opset_of(fp32))
+    if run_status:
+        info.extra["run_status"] = run_status
     sources = _Sources(plan, recipe, dataset, model, fp32, plan.out_dir / f"{stem}.fp32.onnx",
-                       list(payload["class_names"]))
+                       list(payload["class_names"]), payload)
     results, missed = [], {}
     for precision in ["fp32", *[p for p in plan.precisions if p != "fp32"]]:
         path = plan.out_dir / f"{stem}.{precision}.onnx"
@@ -108,13 +109,24 @@ def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     return results
 
 
+def _reference(model, dataset, checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Real val images and PyTorch's logits on them: what every exported file is compared with."""
+    pixels = _sample(dataset.splits["val"], 256, seed=0, balanced=False)
+    logits = torch_logits(model, pixels)
+    if not np.isfinite(logits).all():
+        raise CheckpointError(f"{checkpoint}: the model's own PyTorch logits are not finite (NaN or inf) on real "
+                              f"validation images, so no export of it could be right",
+                              hint="its weights are finite but overflow: retrain it (e.g. with a lower train.lr)")
+    return pixels, logits
+
+
 class _Sources:
     """What the conversions draw on, each computed once and only when a precision needs it."""
 
     def __init__(self, plan: ExportPlan, recipe, dataset, model, fp32: onnx.ModelProto, fp32_path: Path,
-                 class_names: list[str]):
+                 class_names: list[str], payload: dict):
         self.plan, self.recipe, self.dataset, self.model = plan, recipe, dataset, model
-        self.fp32, self.fp32_path, self.class_names = fp32, fp32_path, class_names
+        self.fp32, self.fp32_path, self.class_names, self.payload = fp32, fp32_path, class_names, payload
 
     @cached_property
     def calibration(self) -> np.ndarray:
@@ -143,6 +155,120 @@ class _Sources:
         return GateLimits(
             getattr(export, f"max_drop_{precision}") if plan.max_drop_pts is None else plan.max_drop_pts,
             export.min_agreement if plan.min_agreement is None else plan.min_agreement, plan.max_float_layers)
+
+
+def _load_finite_model(checkpoint: Path, attempts: int = 3):
+    """The model, its payload and the SHA-256 of the very bytes they were read from.
+
+    A run still training replaces best.pt whenever it improves; hashing before and after the read catches
+    a replacement in between, so the file's checkpoint_sha256 always names the weights it holds. A model
+    that cannot be rebuilt from its own description, or holds NaN/inf, is refused before any work.
+    """
+    from edgekd.train.checkpoint import file_sha256, load_model
+
+    for _ in range(attempts):
+        before = file_sha256(checkpoint)
+        try:
+            model, payload = load_model(checkpoint)
+        except EdgekdError:
+            raise
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = _weights_mismatch(checkpoint) if isinstance(exc, RuntimeError) else None
+            raise CheckpointError(f"{checkpoint}: its stored model does not fit its weights: "
+                                  f"{detail or _first_lines(exc)}",
+                                  hint="the checkpoint was edited or written by another program; export the "
+                                       "best.pt or last.pt that `edgekd train|distill` wrote") from exc
+        if file_sha256(checkpoint) == before:
+            _check_finite(checkpoint, model)
+            return model, payload, before
+        log.warning("%s was replaced while it was read (a run still training saved a new best); reading it again",
+                    checkpoint)
+    raise ExportError(f"{checkpoint} kept changing while it was read", hint="export it when its run has finished")
+
+
+def _weights_mismatch(checkpoint: Path) -> str | None:
+    """What differs between the model a checkpoint describes and the weights it holds, in a few words."""
+    from edgekd.train.checkpoint import build_model, read_checkpoint
+
+    try:
+        payload = read_checkpoint(checkpoint)
+        expected, stored = build_model(payload).state_dict(), payload["state_dict"]
+        missing = [k for k in expected if k not in stored]
+        unexpected = [k for k in stored if k not in expected]
+        shapes = [f"{k} is {list(stored[k].shape)} in the file, {list(expected[k].shape)} in the model"
+                  for k in expected if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)]
+    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller has the first one
+        return None
+    model = payload["model"]
+    parts = [f"{len(missing)} weight(s) the model {model.get('name')} {model.get('args')} needs are missing "
+             f"(e.g. {', '.join(missing[:2])})" if missing else "",
+             f"{len(unexpected)} weight(s) belong to no layer (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
+             f"{len(shapes)} weight(s) have another shape (e.g. {shapes[0]})" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
+def _check_targets(paths: list[Path]) -> None:
+    """A folder (or anything but a file or link) where an export goes would fail the final rename."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise ExportError(f"cannot write {path}: something other than a file is in its place",
+                              hint="move it away, or pass another folder with --out")
+
+
+def _first_lines(exc: BaseException, lines: int = 3, width: int = 300) -> str:
+    text = [line.strip()[:width] for line in str(exc).splitlines() if line.strip()][:lines]
+    return f"{exc.__class__.__name__}: {' '.join(text)}".rstrip(": ")
+
+
+def _check_finite(checkpoint: Path, model) -> None:
+    import torch
+
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(f"{checkpoint} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s), "
+                              f"e.g. {', '.join(broken[:3])}: its training diverged, and it is never exported",
+                              hint="retrain it (e.g. with a lower train.lr); a run whose loss became NaN cannot "
+                                   "be repaired by exporting it")
+
+
+def _training_status(checkpoint: Path) -> str | None:
+    """The status of the run folder holding the checkpoint; a warning when it is still being trained.
+
+    Exporting a run in training is allowed, not refused: best.pt is always a whole, atomically written
+    snapshot, and exporting one early (to try a device while a long run goes on) is a real workflow. But
+    it must not pass unnoticed: the warning says so, and the file's metadata records run_status.
+    """
+    from edgekd.runs import read_summary
+
+    if not (checkpoint.parent / "summary.json").is_file():
+        return None
+    try:
+        summary = read_summary(checkpoint.parent)
+        status = summary.get("status")
+        if status == "running":
+            owner = summary.get("process") or {}
+            log.warning("%s is still being trained (pid %s on %s, epoch %s of %s): exporting %s as it is now; "
+                        "export again when the run has finished", checkpoint.parent, owner.get("pid"),
+                        owner.get("host"), summary.get("epochs_done"), summary.get("epochs_planned"),
+                        checkpoint.name)
+    except (AttributeError, TypeError, ValueError):  # a damaged summary: the status is unknown, not fatal
+        return None
+    return status if isinstance(status, str) else None
+
+
+def _dataset(payload: dict, data_root: str | None):
+    """The checkpoint's dataset (train and val), with hints that name export's own option."""
+    from edgekd.train.checkpoint import checkpoint_dataset
+
+    try:
+        return checkpoint_dataset(payload, ("train", "val"), data_root)
+    except DataError as exc:
+        if "--set" not in (exc.hint or "") and "data.root" not in (exc.hint or ""):
+            raise
+        trained_on = payload.get("recipe", {}).get("data", {}).get("root")
+        raise DataError(exc.message, hint=f"export reads real images of the model's dataset (trained on "
+                                          f"{trained_on}); if it moved, pass its new root with --data PATH") from exc
 
 
 def _check_writable(folder: Path) -> None:
@@ -182,9 +308,14 @@ def _convert(precision: str, sources: _Sources) -> tuple[onnx.ModelProto | None,
     if precision == "int8":
         log.info("int8: calibrating on %d real training images (class-balanced, seed 0), %s ranges",
                  len(sources.calibration), plan.calibration_method)
-        with Int8Quantizer(sources.fp32_path, sources.calibration, plan.calibration_method) as quantizer:
-            return _meeting_the_gate(LayerwiseInt8(quantizer), sources)
-    return _meeting_the_gate(LayerwiseFp8(sources.fp32, _trained_fp8_scales(plan.checkpoint, sources.fp32)),
+        try:
+            with Int8Quantizer(sources.fp32_path, sources.calibration, plan.calibration_method) as quantizer:
+                return _meeting_the_gate(LayerwiseInt8(quantizer), sources)
+        except AssertionError as exc:  # onnxruntime's quantiser asserts on ranges it cannot represent
+            raise ExportError(f"onnxruntime's int8 quantiser failed ({_first_lines(exc)}); no int8 file was "
+                              f"written", hint="try --calibration-method percentile, or export without --int8") \
+                from exc
+    return _meeting_the_gate(LayerwiseFp8(sources.fp32, _trained_fp8_scales(sources.payload, sources.fp32)),
                              sources)
 
 
@@ -213,16 +344,14 @@ def _gate_missed(missed: dict[str, dict[str, str]], written: list[ExportedFile])
                             "layers (ExportPlan.max_float_layers)")
 
 
-def _trained_fp8_scales(checkpoint: Path, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
+def _trained_fp8_scales(payload: dict, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
     """Per-channel weight scales learnt in fp8 training, carried over to the exported graph's weights.
 
     The exporter folds each BatchNorm into the convolution before it, which multiplies every output
     channel of the weight by a constant; the learnt scale is multiplied by the same constant, so the
-    fp8 codes stay those the model was trained with.
+    fp8 codes stay those the model was trained with. `payload` is the checkpoint already loaded: reading the
+    file again could see a newer best.pt than the weights being exported.
     """
-    from edgekd.train.checkpoint import read_checkpoint
-
-    payload = read_checkpoint(checkpoint)
     learnt = payload.get("fp8_weight_scales")
     if not learnt:
         return None
@@ -264,9 +393,15 @@ def _write_checked(graph: onnx.ModelProto, path: Path, info: ModelInfo, precisio
     def save(tmp: Path) -> None:
         onnx.save_model(graph, tmp, save_as_external_data=False)
         logits = run_logits(open_session(tmp), pixels)
+        if not np.isfinite(logits).all():  # NaN compares false with everything: it would pass `diff > tol`
+            raise ExportError(f"the {precision} export's logits are not finite (NaN or inf) on "
+                              f"{int((~np.isfinite(logits)).any(axis=1).sum())} of {len(pixels)} real images "
+                              f"(PyTorch's are finite); the file was not written",
+                              hint="fp16 overflows where activations pass 65504: export fp32 or int8 instead"
+                              if precision == "fp16" else f"export without --{precision}, or with --keep-float stem classifier")
         measured["diff"] = float(np.abs(logits - reference).max())
         measured["agreement"] = float((logits.argmax(1) == reference.argmax(1)).mean())
-        if precision == "fp32" and measured["diff"] > FP32_TOLERANCE:
+        if precision == "fp32" and not measured["diff"] <= FP32_TOLERANCE:
             raise ExportError(f"the fp32 export differs from PyTorch by {measured['diff']:.2e} "
                               f"(> {FP32_TOLERANCE}) on real images; the file was not written")
 

@@ -68,7 +68,8 @@ def open_image(path: str | Path, draft_to: int | None = None) -> Image.Image:
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageDecodeError("no such file" if not path.exists() else "not a file")
+        raise ImageDecodeError("a broken or looping symlink" if path.is_symlink() and not path.exists() else
+                               "no such file" if not path.exists() else "not a file")
     _refuse_decompression_bomb_warnings()
     try:
         with Image.open(path) as image:
@@ -78,6 +79,8 @@ def open_image(path: str | Path, draft_to: int | None = None) -> Image.Image:
             return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"refused: larger than Pillow's decompression-bomb limit ({exc})") from exc
+    except PermissionError as exc:
+        raise ImageDecodeError("cannot be read (permission denied)") from exc
     except UnidentifiedImageError as exc:
         kind = "an empty file" if path.stat().st_size == 0 else "not an image Pillow can read"
         raise ImageDecodeError(kind) from exc
