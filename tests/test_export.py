@@ -250,6 +250,7 @@ def test_an_export_that_cannot_meet_the_gate_fails_and_writes_no_file(distilled_
                                       "--out", str(tmp_path / "cli")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "int8 misses the gate" in result.output and "fp8 misses the gate" in result.output
+    assert "--max-drop" in result.output and "--max-float-layers" in result.output  # export's options, not --set
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["tiny_student.fp16.onnx",
                                                                    "tiny_student.fp32.onnx"]
 

@@ -235,8 +235,8 @@ def _gate_missed(missed: dict[str, dict[str, str]], written: list[ExportedFile])
     done = ", ".join(f.path.name for f in written)
     return ExportError("\n".join(lines) + f"\nwritten: {done}",
                        hint="for int8 try --calibration-method percentile; the gate is the run's recipe "
-                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement), the cap a third of the "
-                            "layers (ExportPlan.max_float_layers)")
+                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement), which --max-drop and "
+                            "--min-agreement override; --max-float-layers raises the cap (a third of the layers)")
 
 
 def _trained_fp8_scales(payload: dict, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
