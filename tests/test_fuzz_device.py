@@ -31,7 +31,7 @@ from edgekd.runtime.model_info import MAX_IMAGE_SIZE, ModelInfo
 CLASSES = ["buildings", "forest", "sea"]
 SIZE = 8
 TIMEOUT = 30.0  # seconds; every call here takes well under one
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 # ----- helpers ------------------------------------------------------------------------------------------
