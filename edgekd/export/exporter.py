@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 import edgekd
-from edgekd.errors import CheckpointError, DataError, EdgekdError
+from edgekd.errors import CheckpointError, EdgekdError
+from edgekd.export.inputs import export_dataset, first_lines, load_finite_model, training_status
 from edgekd.export.onnx_fp32 import INPUT_NAME, export_fp32, opset_of, torch_logits
 from edgekd.export.precisions import Int8Quantizer, to_fp16
 from edgekd.export.search import (SENSITIVITY_IMAGES, GateLimits, HeldOut, LayerwiseFp8, LayerwiseInt8, meet_gate,
@@ -73,12 +74,12 @@ class ExportPlan:
 
 def export_checkpoint(plan: ExportPlan) -> list[ExportedFile]:
     """Export fp32 (always: it is the reference the others derive from) and the requested precisions."""
-    model, payload, sha256 = _load_finite_model(plan.checkpoint)  # before the folder is made: a bad one makes none
+    model, payload, sha256 = load_finite_model(plan.checkpoint)  # before the folder is made: a bad one makes none
     _check_writable(plan.out_dir)
     stem = payload.get("run") or plan.checkpoint.parent.name
     _check_targets([plan.out_dir / f"{stem}.{p}.onnx" for p in ["fp32", *plan.precisions]])
-    run_status = _training_status(plan.checkpoint)
-    recipe, dataset = _dataset(payload, plan.data_root)
+    run_status = training_status(plan.checkpoint)
+    recipe, dataset = export_dataset(payload, plan.data_root)
     if plan.calibration_images is None:
         plan.calibration_images = recipe.export.calibration_images
     if plan.keep_float is None:
@@ -157,118 +158,12 @@ class _Sources:
             export.min_agreement if plan.min_agreement is None else plan.min_agreement, plan.max_float_layers)
 
 
-def _load_finite_model(checkpoint: Path, attempts: int = 3):
-    """The model, its payload and the SHA-256 of the very bytes they were read from.
-
-    A run still training replaces best.pt whenever it improves; hashing before and after the read catches
-    a replacement in between, so the file's checkpoint_sha256 always names the weights it holds. A model
-    that cannot be rebuilt from its own description, or holds NaN/inf, is refused before any work.
-    """
-    from edgekd.train.checkpoint import file_sha256, load_model
-
-    for _ in range(attempts):
-        before = file_sha256(checkpoint)
-        try:
-            model, payload = load_model(checkpoint)
-        except EdgekdError:
-            raise
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            detail = _weights_mismatch(checkpoint) if isinstance(exc, RuntimeError) else None
-            raise CheckpointError(f"{checkpoint}: its stored model does not fit its weights: "
-                                  f"{detail or _first_lines(exc)}",
-                                  hint="the checkpoint was edited or written by another program; export the "
-                                       "best.pt or last.pt that `edgekd train|distill` wrote") from exc
-        if file_sha256(checkpoint) == before:
-            _check_finite(checkpoint, model)
-            return model, payload, before
-        log.warning("%s was replaced while it was read (a run still training saved a new best); reading it again",
-                    checkpoint)
-    raise ExportError(f"{checkpoint} kept changing while it was read", hint="export it when its run has finished")
-
-
-def _weights_mismatch(checkpoint: Path) -> str | None:
-    """What differs between the model a checkpoint describes and the weights it holds, in a few words."""
-    from edgekd.train.checkpoint import build_model, read_checkpoint
-
-    try:
-        payload = read_checkpoint(checkpoint)
-        expected, stored = build_model(payload).state_dict(), payload["state_dict"]
-        missing = [k for k in expected if k not in stored]
-        unexpected = [k for k in stored if k not in expected]
-        shapes = [f"{k} is {list(stored[k].shape)} in the file, {list(expected[k].shape)} in the model"
-                  for k in expected if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)]
-    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller has the first one
-        return None
-    model = payload["model"]
-    parts = [f"{len(missing)} weight(s) the model {model.get('name')} {model.get('args')} needs are missing "
-             f"(e.g. {', '.join(missing[:2])})" if missing else "",
-             f"{len(unexpected)} weight(s) belong to no layer (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
-             f"{len(shapes)} weight(s) have another shape (e.g. {shapes[0]})" if shapes else ""]
-    return "; ".join(p for p in parts if p) or None
-
-
 def _check_targets(paths: list[Path]) -> None:
     """A folder (or anything but a file or link) where an export goes would fail the final rename."""
     for path in paths:
         if path.exists() and not path.is_file():
             raise ExportError(f"cannot write {path}: something other than a file is in its place",
                               hint="move it away, or pass another folder with --out")
-
-
-def _first_lines(exc: BaseException, lines: int = 3, width: int = 300) -> str:
-    text = [line.strip()[:width] for line in str(exc).splitlines() if line.strip()][:lines]
-    return f"{exc.__class__.__name__}: {' '.join(text)}".rstrip(": ")
-
-
-def _check_finite(checkpoint: Path, model) -> None:
-    import torch
-
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if broken:
-        raise CheckpointError(f"{checkpoint} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s), "
-                              f"e.g. {', '.join(broken[:3])}: its training diverged, and it is never exported",
-                              hint="retrain it (e.g. with a lower train.lr); a run whose loss became NaN cannot "
-                                   "be repaired by exporting it")
-
-
-def _training_status(checkpoint: Path) -> str | None:
-    """The status of the run folder holding the checkpoint; a warning when it is still being trained.
-
-    Exporting a run in training is allowed, not refused: best.pt is always a whole, atomically written
-    snapshot, and exporting one early (to try a device while a long run goes on) is a real workflow. But
-    it must not pass unnoticed: the warning says so, and the file's metadata records run_status.
-    """
-    from edgekd.runs import read_summary
-
-    if not (checkpoint.parent / "summary.json").is_file():
-        return None
-    try:
-        summary = read_summary(checkpoint.parent)
-        status = summary.get("status")
-        if status == "running":
-            owner = summary.get("process") or {}
-            log.warning("%s is still being trained (pid %s on %s, epoch %s of %s): exporting %s as it is now; "
-                        "export again when the run has finished", checkpoint.parent, owner.get("pid"),
-                        owner.get("host"), summary.get("epochs_done"), summary.get("epochs_planned"),
-                        checkpoint.name)
-    except (AttributeError, TypeError, ValueError):  # a damaged summary: the status is unknown, not fatal
-        return None
-    return status if isinstance(status, str) else None
-
-
-def _dataset(payload: dict, data_root: str | None):
-    """The checkpoint's dataset (train and val), with hints that name export's own option."""
-    from edgekd.train.checkpoint import checkpoint_dataset
-
-    try:
-        return checkpoint_dataset(payload, ("train", "val"), data_root)
-    except DataError as exc:
-        if "--set" not in (exc.hint or "") and "data.root" not in (exc.hint or ""):
-            raise
-        trained_on = payload.get("recipe", {}).get("data", {}).get("root")
-        raise DataError(exc.message, hint=f"export reads real images of the model's dataset (trained on "
-                                          f"{trained_on}); if it moved, pass its new root with --data PATH") from exc
 
 
 def _check_writable(folder: Path) -> None:
@@ -312,7 +207,7 @@ def _convert(precision: str, sources: _Sources) -> tuple[onnx.ModelProto | None,
             with Int8Quantizer(sources.fp32_path, sources.calibration, plan.calibration_method) as quantizer:
                 return _meeting_the_gate(LayerwiseInt8(quantizer), sources)
         except AssertionError as exc:  # onnxruntime's quantiser asserts on ranges it cannot represent
-            raise ExportError(f"onnxruntime's int8 quantiser failed ({_first_lines(exc)}); no int8 file was "
+            raise ExportError(f"onnxruntime's int8 quantiser failed ({first_lines(exc)}); no int8 file was "
                               f"written", hint="try --calibration-method percentile, or export without --int8") \
                 from exc
     return _meeting_the_gate(LayerwiseFp8(sources.fp32, _trained_fp8_scales(sources.payload, sources.fp32)),
@@ -340,8 +235,8 @@ def _gate_missed(missed: dict[str, dict[str, str]], written: list[ExportedFile])
     done = ", ".join(f.path.name for f in written)
     return ExportError("\n".join(lines) + f"\nwritten: {done}",
                        hint="for int8 try --calibration-method percentile; the gate is the run's recipe "
-                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement), the cap a third of the "
-                            "layers (ExportPlan.max_float_layers)")
+                            "(export.max_drop_int8 / max_drop_fp8, export.min_agreement), which --max-drop and "
+                            "--min-agreement override; --max-float-layers raises the cap (a third of the layers)")
 
 
 def _trained_fp8_scales(payload: dict, graph: onnx.ModelProto) -> dict[str, np.ndarray] | None:
@@ -398,7 +293,7 @@ def _write_checked(graph: onnx.ModelProto, path: Path, info: ModelInfo, precisio
                               f"{int((~np.isfinite(logits)).any(axis=1).sum())} of {len(pixels)} real images "
                               f"(PyTorch's are finite); the file was not written",
                               hint="fp16 overflows where activations pass 65504: export fp32 or int8 instead"
-                              if precision == "fp16" else f"export without --{precision}, or with --keep-float stem classifier")
+                              if precision == "fp16" else f"export without --{precision}, or --keep-float stem")
         measured["diff"] = float(np.abs(logits - reference).max())
         measured["agreement"] = float((logits.argmax(1) == reference.argmax(1)).mean())
         if precision == "fp32" and not measured["diff"] <= FP32_TOLERANCE:
