@@ -7,7 +7,6 @@ beside torch has crashed processes before (validate does the same).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -61,12 +60,21 @@ def _arm_features() -> set[str]:
         return set()
 
 
+def torch_or_none():
+    """torch, or None on a device install (or where it cannot be imported)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
 def torch_facts() -> dict:
     """torch and CUDA; without torch, what is missing for training."""
-    if importlib.util.find_spec("torch") is None:
+    torch = torch_or_none()
+    if torch is None:
         return {"version": None, "missing": f"torch is not installed: training, distillation and export need "
                                             f"it ({TRAIN_EXTRA})", "cuda": NOT_HERE, "cuda_devices": []}
-    import torch
 
     absent = [name for name in TRAIN_PACKAGES if version(name) is None]
     facts = {"version": torch.__version__, "missing": f"{', '.join(absent)} ({TRAIN_EXTRA})" if absent else "nothing", "cuda_build": torch.version.cuda or "none (CPU build)",
@@ -109,10 +117,12 @@ def openvino_facts(timeout: float = 60) -> dict:
     return {"version": installed, "devices": devices or [], **({"error": error} if error else {})}
 
 
-def bitsandbytes_facts(cuda: bool) -> dict:
+def bitsandbytes_facts(cuda: bool, torch_present: bool) -> dict:
     installed = version("bitsandbytes")
     if installed is None:
         return {"version": None, "adam8bit": "no: pip install 'bitsandbytes>=0.50'"}
+    if not torch_present:
+        return {"version": installed, "adam8bit": f"no: it needs torch ({TRAIN_EXTRA})"}
     major, minor = (int(part) for part in installed.split(".")[:2])
     runs = cuda or (major, minor) >= (0, 50)
     return {"version": installed, "adam8bit": "yes" if runs else "no: its CPU 8-bit optimizers need >= 0.50"}
@@ -178,7 +188,7 @@ def machine_report() -> dict:
     report = {
         "edgekd": {"version": __version__, "python": platform.python_version(), "os": platform.platform()},
         "cpu": cpu, "torch": torch_info, "onnxruntime": ort, "openvino": openvino,
-        "bitsandbytes": bitsandbytes_facts(bool(torch_info["cuda_devices"])),
+        "bitsandbytes": bitsandbytes_facts(bool(torch_info["cuda_devices"]), torch_info["version"] is not None),
         "pretrained_weights": {package: version(package) or "not installed" for package in WEIGHT_PACKAGES},
         "cache": cache_facts(),
         "choices": stage_choices(cpu, torch_info, openvino, ort),

@@ -90,7 +90,7 @@ def export(checkpoint: str, precision: str, out: str) -> str:
     files = export_checkpoint(ExportPlan(Path(checkpoint), [precision], Path(out), calibration_images=12,
                                          max_drop_pts=100.0, min_agreement=0.0))
     written = next(f for f in files if f.precision == precision)
-    return (f"{written.path.name}, {written.size_bytes / 1024:.0f} KiB, max |Δlogit| vs PyTorch "
+    return (f"{written.path.name}, {written.size_bytes / 1024:.0f} KiB, max Δlogit vs PyTorch "
             f"{written.max_abs_logit_diff:.2g}, top-1 agreement {written.agreement:.0%}")
 
 

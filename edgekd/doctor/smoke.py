@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgekd.doctor.machine import NOT_HERE, TRAIN_EXTRA
+from edgekd.doctor.machine import NOT_HERE, TRAIN_EXTRA, torch_or_none
 from edgekd.doctor.row import RESULT_MARK
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,11 @@ class Offer:
 def machine_offer() -> Offer:
     from edgekd.runtime.session import available_providers
 
-    offer = Offer(torch=importlib.util.find_spec("torch") is not None, ort_providers=available_providers(),
+    torch = torch_or_none()
+    offer = Offer(torch=torch is not None, ort_providers=available_providers(),
                   openvino=importlib.util.find_spec("openvino") is not None)
-    if not offer.torch:
+    if torch is None:
         return offer
-    import torch
 
     from edgekd.train.teacher_forward import candidates
 
@@ -207,7 +207,7 @@ def run_row(row: Row, work: Path) -> None:
 def smoke(work: Path | None = None, only: list[str] | None = None,
           on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """Run the smoke rows (all, or those `only` names) in `work` (default: a temporary folder, removed);
-    `on_row` sees each row as it finishes. Writes smoke.json into `work`."""
+    `on_row` sees each row as it finishes. Writes smoke.json and smoke.md into `work`."""
     temporary = work is None
     work = Path(tempfile.mkdtemp(prefix="edgekd-smoke-")) if temporary else Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,15 @@ def smoke(work: Path | None = None, only: list[str] | None = None,
             if on_row:
                 on_row(row)
         (work / "smoke.json").write_text(json.dumps([row.to_dict() for row in rows], indent=1))
+        (work / "smoke.md").write_text(markdown(rows))
         return rows
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| path | result | seconds | detail |", "|---|---|---:|---|"]
+    lines += [f"| {row.name} | {row.status} | {row.seconds:.1f} | {row.detail.replace('|', '/')} |" for row in rows]
+    counts = {status: sum(row.status == status for row in rows) for status in ("ok", "failed", "skipped")}
+    return "\n".join(lines) + f"\n\n{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped\n"
