@@ -67,7 +67,7 @@ class ExportedModel:
                                    ("; pip install openvino" if self.provider == "openvino" else ""))
         runtime = "OpenVINO" if self.provider == "openvino" else "onnxruntime"
         try:
-            self.session = (OpenVINOSession(self.path, self.session_threads, _usable_cores() // self.session_threads)
+            self.session = (OpenVINOSession(self.path, self.threads or _usable_cores())
                             if self.provider == "openvino" else
                             open_session(self.path, self.provider, self.session_threads, spinning=False))
         except Exception as exc:  # both runtimes raise their own exception types for unreadable files

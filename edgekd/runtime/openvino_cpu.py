@@ -19,13 +19,9 @@ def read_for_any_batch(path: str | Path):
     return core, model
 
 
-def cpu_config(threads: int, precision: str, streams: int | None = None) -> dict:
-    """The CPU plugin's settings: `threads` per inference, `streams` inferences side by side (None: one,
-    OpenVINO's latency mode)."""
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    if streams:
-        config.update({"NUM_STREAMS": streams, "INFERENCE_NUM_THREADS": threads * streams})
-    return config
+def cpu_config(threads: int, precision: str) -> dict:
+    """The CPU plugin's settings: one inference at a time (latency mode) on `threads` cores."""
+    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
 
 
 def compile_for_cpu(path: str | Path, threads: int, precision: str):

@@ -70,10 +70,12 @@ def _shape(partial) -> list:
 class OpenVINOSession:
     """An exported .onnx compiled for OpenVINO's CPU device, called like an onnxruntime InferenceSession.
 
-    Each calling thread gets its own infer request (a request serves one inference at a time); `streams`
-    lets that many run side by side, `threads` cores each."""
+    One inference at a time, on `threads` cores: classify's other threads decode the next batches
+    meanwhile. Infer requests running side by side (one per thread, several streams) deadlocked in
+    OpenVINO 2026.4 about one run in five when a request's batch size changed (its input tensor is
+    reshaped while another request runs)."""
 
-    def __init__(self, path: str | Path, threads: int = 1, streams: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1):
         from edgekd.runtime.openvino_cpu import cpu_config, read_for_any_batch
 
         core, model = read_for_any_batch(path)
@@ -81,8 +83,9 @@ class OpenVINOSession:
         self._metadata = {key: value.astype(str) for key, value in framework.items()}
         self._inputs = [_Port(port.get_any_name(), _shape(port.get_partial_shape())) for port in model.inputs]
         self._outputs = [_Port(port.get_any_name(), _shape(port.get_partial_shape())) for port in model.outputs]
-        self.compiled = core.compile_model(model, "CPU", cpu_config(threads, "f32", streams if streams > 1 else None))
-        self._local = threading.local()
+        self.compiled = core.compile_model(model, "CPU", cpu_config(threads, "f32"))
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
 
     def get_inputs(self) -> list[_Port]:
         return self._inputs
@@ -94,8 +97,6 @@ class OpenVINOSession:
         return _Meta(dict(self._metadata))
 
     def run(self, output_names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        results = request.infer(feed)
-        return [np.array(results[port]) for port in self.compiled.outputs]
+        with self._lock:
+            results = self._request.infer(feed)
+            return [np.array(results[port]) for port in self.compiled.outputs]  # copies: the next infer reuses them
