@@ -549,6 +549,8 @@ def doctor(as_json, smoke, only, out) -> None:
 
     Exit code 1 when a smoke row failed.
     """
+    if (only or out) and not smoke:
+        raise click.UsageError("--only and --out go with --smoke")
     from edgekd.doctor import machine_report
 
     report = machine_report()

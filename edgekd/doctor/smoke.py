@@ -224,12 +224,17 @@ def smoke(work: Path | None = None, only: list[str] | None = None,
                     run_row(row, work)
             if on_row:
                 on_row(row)
-        (work / "smoke.json").write_text(json.dumps([row.to_dict() for row in rows], indent=1))
-        (work / "smoke.md").write_text(markdown(rows))
+            _write_tables(work, rows)  # after every row: a smoke killed from outside still leaves its table
+        _write_tables(work, rows)
         return rows
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_tables(work: Path, rows: list[Row]) -> None:
+    (work / "smoke.json").write_text(json.dumps([row.to_dict() for row in rows], indent=1))
+    (work / "smoke.md").write_text(markdown(rows))
 
 
 def markdown(rows: list[Row]) -> str:
