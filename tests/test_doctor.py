@@ -107,7 +107,7 @@ def test_a_failing_row_says_failed_with_its_error_and_the_others_still_run(tmp_p
     rows = smoke(tmp_path / "work", only=["train fp32 on cpu", "train bf16 on cpu", "train fp8 on cpu"],
                  on_row=seen.append)
     result = {row.name: row for row in rows}
-    assert [row.name for row in seen] == ["train fp32 on cpu", "train bf16 on cpu", "train fp8 on cpu"]
+    assert sorted(row.name for row in seen) == ["train bf16 on cpu", "train fp32 on cpu", "train fp8 on cpu"]
     assert result["train bf16 on cpu"].status == "failed"
     assert result["train bf16 on cpu"].detail == "RuntimeError: injected bf16 failure"
     assert result["train fp32 on cpu"].status == "ok" and "native" in result["train fp32 on cpu"].detail

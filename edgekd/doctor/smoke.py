@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,7 +45,7 @@ class Row:
     kwargs: dict = field(default_factory=dict)
     needs: list[str] = field(default_factory=list)  # rows whose output this one uses
     timeout: float = 90.0
-    status: str = "pending"  # ok | failed | skipped
+    status: str = "pending"  # pending | running | ok | failed | skipped
     detail: str = ""  # ok: what ran; failed: the error; skipped: why
     seconds: float = 0.0
 
@@ -205,31 +206,62 @@ def run_row(row: Row, work: Path) -> None:
 
 
 def smoke(work: Path | None = None, only: list[str] | None = None,
-          on_row: Callable[[Row], None] | None = None) -> list[Row]:
+          on_row: Callable[[Row], None] | None = None, parallel: int | None = None) -> list[Row]:
     """Run the smoke rows (all, or those `only` names) in `work` (default: a temporary folder, removed);
-    `on_row` sees each row as it finishes. Writes smoke.json and smoke.md into `work`."""
+    `on_row` sees each row as it finishes. Writes smoke.json and smoke.md into `work`.
+
+    `parallel` rows run at a time (default: one per usable core, at most 4): most of a row is starting
+    Python and importing torch, one core's work, and the rows share nothing a neighbour could break (their
+    own run names and export folders; the decoded-image cache is built atomically)."""
     temporary = work is None
     work = Path(tempfile.mkdtemp(prefix="edgekd-smoke-")) if temporary else Path(work)
     work.mkdir(parents=True, exist_ok=True)
     try:
         write_data(work)
         rows = select(plan(machine_offer(), work), only)
-        by_name = {row.name: row for row in rows}
-        for row in rows:
-            if row.status == "pending":
-                failed = [need for need in row.needs if by_name[need].status != "ok"]
-                if failed:
-                    row.status, row.detail = "skipped", f"needs {', '.join(failed)}, which did not run ok"
-                else:
-                    run_row(row, work)
-            if on_row:
-                on_row(row)
-            _write_tables(work, rows)  # after every row: a smoke killed from outside still leaves its table
-        _write_tables(work, rows)
+        _run_all(rows, work, on_row or (lambda row: None), parallel or min(4, _usable_cores()))
         return rows
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_all(rows: list[Row], work: Path, on_row: Callable[[Row], None], parallel: int) -> None:
+    """Each pending row once the rows it needs are ok (skipped, naming them, when one is not)."""
+    by_name = {row.name: row for row in rows}
+
+    def finished(row: Row) -> None:
+        on_row(row)
+        _write_tables(work, rows)  # after every row: a smoke killed from outside still leaves its table
+
+    for row in rows:
+        if row.status == "skipped":
+            finished(row)
+    with ThreadPoolExecutor(parallel) as pool:
+        running: dict = {}
+        while True:
+            for row in rows:
+                if row.status != "pending":
+                    continue
+                needs = [by_name[name] for name in row.needs]
+                if any(need.status in ("failed", "skipped") for need in needs):
+                    row.status = "skipped"
+                    row.detail = f"needs {', '.join(n.name for n in needs if n.status != 'ok')}, which did not run ok"
+                    finished(row)
+                elif all(need.status == "ok" for need in needs) and len(running) < parallel:
+                    row.status = "running"
+                    running[pool.submit(run_row, row, work)] = row
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()
+                finished(running.pop(future))
+    _write_tables(work, rows)
 
 
 def _write_tables(work: Path, rows: list[Row]) -> None:
