@@ -114,21 +114,30 @@ def classify(folder: str, precision: str, provider: str, photos: str) -> str:
     return f"{len(results)} photos in {time.perf_counter() - started:.2f} s (load included); labels {', '.join(labels)}"
 
 
-def torchrun(recipe: str, device: str, nproc: int, artifacts: str) -> str:
-    """`edgekd train` under torchrun: DistributedDataParallel over gloo (CPU) or NCCL (CUDA)."""
-    name = f"smoke_ddp_{device}"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "edgekd", "-q", "train", recipe, "--artifacts", artifacts, "--set", f"train.device={device}",
-               "--set", f"name={name}"]
+def _under_torchrun(nproc: int, *module_and_args: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+               *module_and_args]
     done = subprocess.run(command, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         raise RuntimeError(f"torchrun exited {done.returncode}: {' | '.join(lines[-3:])[-400:]}")
+    return done.stdout.strip()
+
+
+def torchrun(recipe: str, device: str, nproc: int, artifacts: str) -> str:
+    """`edgekd train` under torchrun: DistributedDataParallel over gloo (CPU) or NCCL (CUDA). On CUDA an
+    all-reduce over NCCL first: the trainer joins a process group only from 2 processes on, so on a one-GPU
+    machine the all-reduce is what tests NCCL."""
+    reduced = _under_torchrun(nproc, "edgekd.doctor.allreduce", "nccl") if device == "cuda" else ""
+    name = f"smoke_ddp_{device}"
+    _under_torchrun(nproc, "edgekd", "-q", "train", recipe, "--artifacts", artifacts, "--set", f"train.device={device}",
+                    "--set", f"name={name}")
     runs = sorted(Path(artifacts).glob(f"{name}*/summary.json"), key=lambda p: p.stat().st_mtime)
     summary = json.loads(runs[-1].read_text())
     d = summary["distributed"]
     if d["world_size"] != nproc or summary["status"] not in ("finished", "early_stopped"):
         raise RuntimeError(f"run {summary['status']} with world size {d['world_size']}, expected {nproc}")
-    return (f"{d['world_size']} process(es), backend {d['backend']}, ranks identical: "
-            f"{summary['distributed'].get('ranks_identical')}")
+    trainer = (f"trainer: DDP over {d['backend']}, ranks identical: {d.get('ranks_identical')}" if nproc > 1
+               else "trainer: 1 process (no process group)")
+    return "; ".join(part for part in (reduced.splitlines()[-1] if reduced else "", trainer) if part)
