@@ -18,6 +18,7 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 from edgekd.runtime.model_info import ModelInfo, NotAnEdgekdModel
+from edgekd.runtime.openvino_session import OpenVINOSession, auto_provider, openvino_installed
 from edgekd.runtime.preprocess import IMAGE_SUFFIXES, RESIZE_METHOD, ImageDecodeError, load_rgb
 from edgekd.runtime.session import (as_input, available_providers, check_model_file, open_session,
                                     session_model_info)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Which exported variant suits a provider best, most preferred first.
 PREFERRED = {"cpu": ("int8", "fp32", "fp8", "fp16"), "cuda": ("fp16", "fp32", "int8", "fp8"),
-             "tensorrt": ("fp16", "int8", "fp32", "fp8")}
+             "tensorrt": ("fp16", "int8", "fp32", "fp8"), "openvino": ("int8", "fp32", "fp16", "fp8")}
 
 
 @dataclass
@@ -61,13 +62,19 @@ class ExportedModel:
 
     def __post_init__(self) -> None:
         check_model_file(self.path)  # before any runtime opens it: a named pipe would block it forever
-        if self.provider not in available_providers():
-            raise EdgekdError(f"onnxruntime here has no {self.provider} provider",
-                              hint=f"available: {', '.join(available_providers())}")
+        offered = available_providers() + (["openvino"] if openvino_installed() else [])
+        if self.provider not in offered:
+            raise EdgekdError(f"there is no {self.provider} runtime here" if self.provider == "openvino" else
+                              f"onnxruntime here has no {self.provider} provider",
+                              hint=f"available: {', '.join(offered)}" +
+                                   ("; pip install openvino" if self.provider == "openvino" else ""))
+        runtime = "OpenVINO" if self.provider == "openvino" else "onnxruntime"
         try:
-            self.session = open_session(self.path, self.provider, self.session_threads, spinning=False)
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-            raise EdgekdError(f"{self.path}: onnxruntime cannot load it ({exc.__class__.__name__}: "
+            self.session = (OpenVINOSession(self.path, self.threads or _usable_cores())
+                            if self.provider == "openvino" else
+                            open_session(self.path, self.provider, self.session_threads, spinning=False))
+        except Exception as exc:  # both runtimes raise their own exception types for unreadable files
+            raise EdgekdError(f"{self.path}: {runtime} cannot load it ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from exc
         try:
             self.info = session_model_info(self.session, str(self.path))
@@ -236,3 +243,17 @@ def _regular_file_mtime(path: Path) -> float | None:
         log.warning("skipping %s: not a regular file", path)
         return None
     return info.st_mtime
+
+
+def open_exported(path: Path, provider: str, threads: int | None, photos: int) -> ExportedModel:
+    """The model on `provider`; `auto` takes OpenVINO for a folder where it is installed and faster
+    (runtime/openvino_session.auto_provider), and onnxruntime's CPU provider when OpenVINO cannot load the file."""
+    if provider != "auto":
+        return ExportedModel(path, provider, threads)
+    chosen = auto_provider(photos, path)
+    if chosen == "openvino":
+        try:
+            return ExportedModel(path, "openvino", threads)
+        except EdgekdError as exc:
+            log.warning("OpenVINO cannot run %s (%s); classifying with onnxruntime", path, exc.message)
+    return ExportedModel(path, "cpu", threads)

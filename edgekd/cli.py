@@ -366,7 +366,10 @@ def validate(run_dir, split, providers, batch_sizes, max_drop, min_agreement, th
               help="An exported .onnx file (default: the newest export, int8 on CPU, fp16 on CUDA).")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt", "openvino"]), default="auto",
+              show_default=True, help="onnxruntime's cpu, cuda or tensorrt provider, or OpenVINO's CPU device; auto: "
+                                      "OpenVINO for an int8 file and 32 photos or more where it is installed on x86, else "
+                                      "cpu.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime threads per batch [default: 1; batches run side by side, one per core].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
@@ -383,16 +386,17 @@ def classify(photos, model_path, top_k, as_json, provider, threads, batch_size, 
         # numpy's OpenBLAS starts a thread per core when imported (30 ms of a cold start on 2 cores) and
         # classify does no linear algebra. Only before numpy's import, and only if the user has not chosen.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from edgekd.classify import ExportedModel, expand_inputs, newest_export
+    from edgekd.classify import expand_inputs, newest_export, open_exported
 
+    files = expand_inputs(list(photos))
     if model_path is None:
         from edgekd.runs import artifacts_root  # only here: it imports more than a device needs
 
-        model_path = newest_export(artifacts_root(artifacts), provider)
+        model_path = newest_export(artifacts_root(artifacts), "cpu" if provider == "auto" else provider)
         click.echo(f"using the newest export: {model_path}", err=True)
-    model = ExportedModel(Path(model_path), provider, threads)
+    model = open_exported(Path(model_path), provider, threads, len(files))
     failed = 0
-    for result in model.classify(expand_inputs(list(photos)), top_k, batch_size):
+    for result in model.classify(files, top_k, batch_size):
         failed += hasattr(result, "error")
         if as_json:
             click.echo(json.dumps(result.to_dict()))
@@ -531,6 +535,68 @@ def report(paths, out, artifacts) -> None:
     for line in result.collection.not_included:
         click.echo(f"not included: {line}")
     click.echo(f"written   {', '.join(str(p) for p in result.files)}")
+
+
+def _print_sections(report: dict) -> None:
+    for section, values in report.items():
+        click.secho(section.replace("_", " "), bold=True)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                click.echo(f"  {key.replace('_', ' ')}")
+                for inner, text in value.items():
+                    click.echo(f"    {inner:<32} {text}")
+                continue
+            if isinstance(value, list):
+                value = ", ".join(str(v) if not isinstance(v, dict) else
+                                  " ".join(f"{k}={x}" for k, x in v.items()) for v in value) or "none"
+            if isinstance(value, bool):
+                value = "yes" if value else "no"
+            click.echo(f"  {key.replace('_', ' '):<30} {'not installed' if value is None else value}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--smoke", is_flag=True, help="Also run a tiny job of every path this machine offers (a few minutes "
+                                            "at most): training per precision and device, teacher fills, exports, "
+                                            "runtimes, torchrun.")
+@click.option("--only", multiple=True, metavar="WORDS",
+              help="With --smoke: only the rows whose names contain WORDS (repeatable), and what they need.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="With --smoke: keep its work folder and a log per row here (default: a temporary folder).")
+def doctor(as_json, smoke, only, out) -> None:
+    """What this machine offers edgekd: CPU, torch/CUDA, runtimes, packages, cache, each stage's choice.
+
+    Exit code 1 when a smoke row failed.
+    """
+    if (only or out) and not smoke:
+        raise click.UsageError("--only and --out go with --smoke")
+    from edgekd.doctor import machine_report
+
+    report = machine_report()
+    rows = None
+    if smoke:
+        from edgekd.doctor.smoke import smoke as run_smoke
+
+        def show(row) -> None:
+            if not as_json:
+                colour = {"ok": "green", "failed": "red"}.get(row.status)
+                click.echo(f"  {click.style(f'{row.status:<8}', fg=colour)}{row.name:<44} {row.seconds:>5.1f}s  "
+                           f"{row.detail}")
+
+        if not as_json:
+            _print_sections(report)
+            click.secho("smoke", bold=True)
+        rows = run_smoke(Path(out) if out else None, list(only), show)
+    if as_json:
+        click.echo(json.dumps({**report, **({"smoke": [r.to_dict() for r in rows]} if rows is not None else {})},
+                              indent=1))
+    elif rows is None:
+        _print_sections(report)
+    if rows is not None:
+        counts = {status: sum(r.status == status for r in rows) for status in ("ok", "failed", "skipped")}
+        click.echo(f"smoke: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped", err=True)
+        if counts["failed"]:
+            sys.exit(1)
 
 
 def main() -> None:

@@ -134,7 +134,8 @@ def test_classify_imports_no_training_stack(model_file, photos):
         "('edgekd', 'torch', 'yaml', 'onnx')))")
     modules = json.loads(done.stderr.split("MODULES ")[-1])
     assert set(modules) <= {"edgekd", "edgekd.cli", "edgekd.errors", "edgekd.classify", "edgekd.runtime",
-                            "edgekd.runtime.model_info", "edgekd.runtime.preprocess", "edgekd.runtime.session"}
+                            "edgekd.runtime.model_info", "edgekd.runtime.preprocess", "edgekd.runtime.session",
+                            "edgekd.runtime.openvino_session"}
 
 
 def test_batches_in_threads_give_the_answers_of_one_by_one_classification(model_file, photos):
