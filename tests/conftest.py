@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from hypothesis import settings
 from PIL import Image
+
+# `make test` and CI replay the same generated inputs on every run, so a red CI is the code's, never the
+# draw's; HYPOTHESIS_PROFILE=explore draws new ones (what a fuzzing session wants). Loaded before the test
+# modules, so their own settings(...) inherit it.
+settings.register_profile("replay", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "replay"))
 
 CLASS_COLOURS = {"buildings": (200, 60, 60), "forest": (40, 180, 60), "sea": (50, 80, 210)}
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekd.errors import EdgekdError
-from edgekd.runtime.model_info import ModelInfo, model_info_from_metadata
+from edgekd.runtime.model_info import ModelInfo, NotAnEdgekdModel, model_info_from_metadata
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -92,7 +92,11 @@ def open_session(path: str | Path, provider: str = "cpu", threads: int | None = 
 
 
 def session_model_info(session: ort.InferenceSession, source: str) -> ModelInfo:
-    return model_info_from_metadata(dict(session.get_modelmeta().custom_metadata_map), source)
+    try:
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+    except UnicodeDecodeError as exc:  # onnxruntime decodes metadata keys/values as UTF-8: a damaged byte
+        raise NotAnEdgekdModel(f"{source}: its metadata is damaged (not UTF-8 at byte {exc.start})") from exc
+    return model_info_from_metadata(metadata, source)
 
 
 def as_input(pixels: np.ndarray) -> np.ndarray:
