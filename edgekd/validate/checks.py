@@ -1,0 +1,141 @@
+"""What validate checks before it trusts a measurement: that an export can run on the run's own images,
+that its metadata fits its graph, that it was made from the run's best.pt; and whether the numbers it
+measured can carry the weight put on them (timing spread, a busy machine, a gate finer than one image).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# The three ways an export fails before any accuracy is compared, as validate names them.
+CANNOT_RUN = "cannot run on this run's images"
+METADATA = "its metadata does not fit its graph"
+STALE = "made from another checkpoint"
+
+
+def not_regular(path: Path) -> str | None:
+    """Why `path` is no regular file (None when it is); a named pipe would block whoever opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    return f"is {kind}, not a file"
+
+
+@dataclass
+class ExportCheck:
+    path: Path
+    precision: str = "?"
+    problems: list[str] = field(default_factory=list)  # each starts with one of the three names above
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_export(path: Path, class_names: list[str], image_size: int, checkpoint_sha256: str) -> ExportCheck:
+    """Every reason `path` cannot stand for the run's best.pt, without running it."""
+    from edgekd.runtime.model_info import NotAnEdgekdModel, model_info_from_metadata
+    from edgekd.runtime.session import open_session
+
+    check = ExportCheck(path)
+    reason = not_regular(path)
+    if reason:
+        check.problems.append(f"{CANNOT_RUN}: it {reason}")
+        return check
+    try:
+        session = open_session(path)
+    except Exception as exc:  # onnxruntime raises its own types for a damaged file
+        check.problems.append(f"{CANNOT_RUN}: onnxruntime cannot load it ({_first_line(exc)})")
+        return check
+    try:
+        info = model_info_from_metadata(dict(session.get_modelmeta().custom_metadata_map), path.name)
+    except NotAnEdgekdModel as exc:
+        check.problems.append(f"{METADATA}: {exc}")
+        return check
+    if info.precision in PRECISIONS:
+        check.precision = info.precision
+    else:
+        check.problems.append(f"{METADATA}: precision {info.precision!r} is none of {', '.join(PRECISIONS)}")
+    check.problems += graph_mismatches(session, info)
+    check.problems += _run_mismatches(info, class_names, image_size)
+    made_from = info.extra.get("checkpoint_sha256")
+    if made_from is None:
+        check.warnings.append(f"{path.name} does not say which checkpoint it was made from (no checkpoint_sha256)")
+    elif made_from != checkpoint_sha256:
+        check.problems.append(f"{STALE}: its checkpoint_sha256 {made_from[:12]}… is not best.pt's "
+                              f"{checkpoint_sha256[:12]}… (re-export it: `edgekd export RUN`)")
+    return check
+
+
+def graph_mismatches(session, info) -> list[str]:
+    """Where the metadata does not describe the graph: input name, image size, number of classes."""
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if info.input_name not in inputs:
+        return [f"{METADATA}: it names input {info.input_name!r}, the graph takes {', '.join(inputs)}"]
+    fixed = [d for d in inputs[info.input_name][1:] if isinstance(d, int)]
+    if fixed not in ([3, info.image_size, info.image_size], [3], []):
+        return [f"{METADATA}: it says {info.image_size} px RGB, the graph takes {inputs[info.input_name]}"]
+    outputs = session.get_outputs()[0].shape
+    if outputs and isinstance(outputs[-1], int) and outputs[-1] != len(info.class_names):
+        return [f"{METADATA}: it lists {len(info.class_names)} classes, the graph outputs {outputs[-1]}"]
+    return []
+
+
+def _run_mismatches(info, class_names: list[str], image_size: int) -> list[str]:
+    problems = []
+    if info.image_size != image_size:
+        problems.append(f"{CANNOT_RUN}: it takes {info.image_size} px images, the run's are {image_size} px")
+    if info.class_names != class_names:
+        problems.append(f"{METADATA}: its classes {info.class_names} are not the run's {class_names}")
+    return problems
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{exc.__class__.__name__}: {lines[-1] if lines else 'no message'}"[:300]
+
+
+# ----- can the numbers carry the weight put on them -------------------------------------------------------
+
+def machine_load() -> tuple[float | None, int]:
+    """(1-minute load average, logical cores); None where the system does not say."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
+    return load, os.cpu_count() or 1
+
+
+def timing_warnings(rows: list[dict], load: float | None, cores: int) -> list[str]:
+    """A busy machine, and every row whose latency spread is wide (p90 over twice p50)."""
+    warnings = []
+    if load is not None and load > cores:
+        warnings.append(f"the machine was busy while measuring (load average {load:.1f} on {cores} cores): "
+                        f"latencies are slower and noisier than on an idle machine; rerun when it is idle")
+    for row in rows:
+        wide = [f"batch {batch}: p90 {t['p90_ms']:.2f} ms is {t['p90_ms'] / t['p50_ms']:.1f}x p50 {t['p50_ms']:.2f} ms"
+                for batch, t in row.get("latency", {}).items() if t["p50_ms"] > 0 and t["p90_ms"] > 2 * t["p50_ms"]]
+        if wide:
+            warnings.append(f"{row['variant']}: wide latency spread ({'; '.join(wide)}): its p50 is no steady "
+                            f"number; rerun on an idle machine or with a longer --latency-seconds")
+    return warnings
+
+
+def resolution_warning(images: int, split: str, max_drop_pts: dict[str, float], precisions: list[str]) -> str | None:
+    """When one image is worth more points than a gated precision's max drop, the gate cannot tell apart a
+    variant that loses a single photo from one that breaks: it passes only those that lose none."""
+    if images < 1:
+        return None
+    one = 100 / images
+    finer = [p for p in PRECISIONS if p in precisions and max_drop_pts.get(p, one) < one]
+    if not finer:
+        return None
+    limits = ", ".join(f"{p} {max_drop_pts[p]:g}" for p in finer)
+    return (f"one image of the {images} in the {split} split is {one:.2f} points, more than the gate's max drop "
+            f"({limits} points): the gate cannot resolve a drop under one image, so any variant that loses a "
+            f"single photo fails; validate on a larger split (--split test, or more images) for a finer gate")
