@@ -517,6 +517,8 @@ def report(paths, out, artifacts) -> None:
         click.secho(result.report.scale_warning, fg="yellow")
     for table in result.report.tables:
         click.echo(f"{table.title}: {len(table.rows)} row(s)")
+    for line in result.report.omitted:
+        click.echo(f"not shown: {line}")
     for line in result.collection.not_included:
         click.echo(f"not included: {line}")
     click.echo(f"written   {', '.join(str(p) for p in result.files)}")

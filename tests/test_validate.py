@@ -21,13 +21,19 @@ FAST = ["--latency-seconds", "0.05", "--batch", "1,4"]
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 
 
-@pytest.fixture
-def run_with_exports(distilled_run, tmp_path):
-    run_dir = tmp_path / "tiny_student"
+@pytest.fixture(scope="module")
+def exported_once(distilled_run, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("exported") / "tiny_student"
     run_dir.mkdir()
     shutil.copy(distilled_run / "best.pt", run_dir)
     export_checkpoint(ExportPlan(run_dir / "best.pt", ["int8"], run_dir / "exports", calibration_images=12))
     return run_dir
+
+
+@pytest.fixture
+def run_with_exports(exported_once, tmp_path):
+    """A fresh copy of the exported run each test may change."""
+    return shutil.copytree(exported_once, tmp_path / "tiny_student")
 
 
 def test_every_variant_gets_every_column_and_missing_providers_are_listed(run_with_exports):

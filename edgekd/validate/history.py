@@ -22,14 +22,16 @@ log = logging.getLogger(__name__)
 REPORT_FILES = ("validation.json", "validation.md", "validation.png")
 
 
-def validation_shape_problem(data) -> str | None:
-    """What is wrong with the shape of a validation.json's content (None when it has the shape readers use)."""
+def validation_shape_problem(data, merging: bool = False) -> str | None:
+    """What is wrong with the shape of a validation.json's content (None when it has the shape its readers
+    use: `edgekd report` its rows' precision, size and latency; a rerun (`merging`) their variant and file too)."""
     if not isinstance(data, dict):
         return f"a {type(data).__name__}, not an object"
     if not isinstance(data.get("rows"), list) or not all(isinstance(r, dict) for r in data["rows"]):
         return "'rows' is not a list of objects"
+    keys = (("variant", str), ("file", str)) if merging else ()
     for row in data["rows"]:
-        for key, kind in (("variant", str), ("file", str), ("precision", str), ("latency", dict)):
+        for key, kind in (*keys, ("precision", str), ("latency", dict)):
             if not isinstance(row.get(key), kind):
                 return f"a row's {key!r} is not a {kind.__name__}"
         if not all(isinstance(t, dict) and isinstance(t.get("p50_ms"), (int, float)) for t in row["latency"].values()):
@@ -39,7 +41,8 @@ def validation_shape_problem(data) -> str | None:
     settings, failures = data.get("settings", {}), data.get("failures", {})
     if not isinstance(settings, dict) or not isinstance(settings.get("batch_sizes", [1]), list):
         return "'settings' is not an object with a list of batch sizes"
-    if not isinstance(failures, dict) or not all(isinstance(v, list) for v in failures.values()):
+    if not isinstance(failures, dict) or not all(isinstance(v, list) and all(isinstance(r, str) for r in v)
+                                                 for v in failures.values()):
         return "'failures' is not {variant: [reasons]}"
     return None
 
@@ -86,7 +89,7 @@ def read_earlier(run_dir: Path) -> tuple[dict | None, Earlier]:
     if reason is None:
         try:
             data = json.loads(path.read_text())
-            reason = validation_shape_problem(data)
+            reason = validation_shape_problem(data, merging=True)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             reason = f"not readable JSON ({exc.__class__.__name__})"
     if reason is None:

@@ -182,7 +182,8 @@ def figure(validation):
         if not (x0 <= x <= x1 and y0 <= y <= y1):
             outside.append(f"{row['variant']}: {y:.2f}% at {x:.2f} ms")
             continue
-        failed = row["variant"] in validation.failures or bool(row.get("kept_from_earlier") and row.get("gate_failures"))
+        failed = row["variant"] in validation.failures or bool(row.get("kept_from_earlier")
+                                                                and row.get("gate_failures"))
         colour = "tab:red" if failed else ("tab:grey" if row["runtime"] == "PyTorch eager" else "tab:blue")
         ax.scatter(x, y, s=30 + 600 * row["file_mb"] / largest, alpha=0.6, color=colour,
                    marker="s" if row["runtime"] == "PyTorch eager" else "o")
