@@ -203,7 +203,7 @@ def _scale(collection: Collection, with_paper: bool = True) -> tuple[list[tuple[
     classes = sorted({len(d.get("classes", [])) for d in datasets})
     planned = sorted({r.summary.get("epochs_planned") for r in runs if r.summary.get("epochs_planned")})
     done = sorted({len(r.metrics) for r in runs})
-    batches = sorted({r.recipe.get("train", {}).get("batch_size") for r in runs if r.recipe.get("train")})
+    batches = sorted({b for r in runs if isinstance(b := r.recipe.get("train", {}).get("batch_size"), int)})
     devices = sorted({_device_text(r.summary) for r in runs})
     precisions = sorted({f"{r.precision} {'native' if r.precision_native else 'simulated'}" for r in runs},
                         key=lambda p: ("fp32", "bf16", "fp16", "fp8").index(p.split()[0]))

@@ -143,20 +143,27 @@ def _read_run(run_dir: Path, out: Collection) -> RunRecord | None:
     metrics = MetricsLog(run_dir / "metrics.jsonl").read()
     if not metrics:
         return _left_out(out, f"{run_dir.name}: {summary.get('status', '?')}, no finished epoch", warn=False)
-    problem = next((p for m in metrics if (p := _shape_problem(m, METRICS_SHAPE, required=tuple(METRICS_SHAPE)))),
-                   None)
+    problem = next((p for m in metrics if (p := _shape_problem(m, METRICS_SHAPE, required=METRICS_REQUIRED))), None)
+    if problem is None and not all(_fraction(m.get(k, 0)) for m in metrics for k in ("val_acc", "train_acc")):
+        problem = "an accuracy is not a number from 0 to 1"
     if problem:
         return _left_out(out, f"{run_dir.name}: metrics.jsonl damaged ({problem})")
-    if not isinstance(summary.get("best_val_acc"), NUMBER):
-        return _left_out(out, f"{run_dir.name}: summary.json damaged (no best_val_acc after {len(metrics)} epochs)")
+    if not _fraction(summary.get("best_val_acc")):
+        return _left_out(out, f"{run_dir.name}: summary.json damaged (no best_val_acc from 0 to 1 after "
+                              f"{len(metrics)} epochs)")
+    precision = summary.get("precision", {}).get("mode", "fp32")
+    if precision not in PRECISIONS:
+        return _left_out(out, f"{run_dir.name}: summary.json damaged (precision {precision!r} is none of "
+                              f"{', '.join(PRECISIONS)})")
     recipe = {}
     if (run_dir / "recipe.yaml").is_file():
         try:
             recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             return _left_out(out, f"{run_dir.name}: recipe.yaml unreadable ({exc.__class__.__name__})")
-        if not isinstance(recipe, dict):
-            return _left_out(out, f"{run_dir.name}: recipe.yaml is not a mapping")
+        problem = _shape_problem(recipe, RECIPE_SHAPE)
+        if problem:
+            return _left_out(out, f"{run_dir.name}: recipe.yaml damaged ({problem})")
     return RunRecord(run_dir.name, run_dir, summary, metrics, recipe, validation=_validation(run_dir, out))
 
 
@@ -192,7 +199,14 @@ SUMMARY_SHAPE = {
     "dataset": {"image_size": int, "classes": [str], "sizes": {"train": int, "val": int}, "root": (str, type(None))},
     "precision": {"mode": str, "native": bool},
 }
-METRICS_SHAPE = {"epoch": int, "train_loss": NUMBER, "val_loss": NUMBER, "val_acc": NUMBER}
+METRICS_SHAPE = {"epoch": int, "train_loss": NUMBER, "val_loss": NUMBER, "val_acc": NUMBER, "train_acc": NUMBER}
+METRICS_REQUIRED = ("epoch", "train_loss", "val_loss", "val_acc")
+RECIPE_SHAPE = {"name": str, "train": {"batch_size": int}}
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+
+
+def _fraction(value) -> bool:
+    return isinstance(value, NUMBER) and 0 <= value <= 1  # NaN compares false
 MEMBER_SHAPE = {"name": str, "role": str, "run_dir": (str, type(None)), "base": (str, type(None)),
                 "baseline_of": (str, type(None)), "status": str}
 SWEEP_SHAPE = {"sweep": str, "sweep_file": str, "overrides": [str], "members": {"*": MEMBER_SHAPE}}

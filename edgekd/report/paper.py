@@ -56,6 +56,7 @@ def on_paper_dataset(classes) -> bool:
 def reference(model: dict, precision: str) -> PaperRow | None:
     """The paper's row for one of its own architectures (paper_cnn at the default width), else None."""
     args = model.get("args", {})
-    if model.get("name") != "paper_cnn" or args.get("width", 16) != 16:
+    if not isinstance(args, dict) or model.get("name") != "paper_cnn" or args.get("width", 16) != 16:
         return None
-    return ROWS.get((args.get("blocks", 8), precision))  # 8: paper_cnn's default
+    blocks = args.get("blocks", 8) if isinstance(args, dict) else None  # 8: paper_cnn's default
+    return ROWS.get((blocks, precision)) if isinstance(blocks, int) else None

@@ -9,10 +9,13 @@ is None (shown "–"), and the table's notes say why.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 
 from edgekd.report import paper
 from edgekd.report.collect import Collection, RunRecord, recipe_signature
+
+log = logging.getLogger(__name__)
 
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8")
 
@@ -181,7 +184,12 @@ def _mmacs(record: RunRecord) -> float | None:
     classes = record.summary.get("dataset", {}).get("classes") or []
     if not record.model.get("name") or not classes or not record.image_size:
         return None
-    return model_stats(record.model["name"], len(classes), record.model.get("args", {}), record.image_size).macs / 1e6
+    try:
+        return model_stats(record.model["name"], len(classes), record.model.get("args", {}),
+                           record.image_size).macs / 1e6
+    except Exception as exc:  # a summary naming a model or arguments this edgekd cannot build: the cell stays –
+        log.debug("no MACs for %s: %s", record.name, exc)
+        return None
 
 
 def _fp32_sibling(record: RunRecord, collection: Collection) -> RunRecord | None:

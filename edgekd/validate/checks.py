@@ -5,6 +5,7 @@ measured can carry the weight put on them (timing spread, a busy machine, a gate
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -57,10 +58,11 @@ def check_export(path: Path, class_names: list[str], image_size: int, checkpoint
     except NotAnEdgekdModel as exc:
         check.problems.append(f"{METADATA}: {exc}")
         return check
-    if info.precision in PRECISIONS:
-        check.precision = info.precision
-    else:
-        check.problems.append(f"{METADATA}: precision {info.precision!r} is none of {', '.join(PRECISIONS)}")
+    values = metadata_value_problems(info)
+    if values:
+        check.problems += [f"{METADATA}: {problem}" for problem in values]
+        return check
+    check.precision = info.precision
     check.problems += graph_mismatches(session, info)
     check.problems += _run_mismatches(info, class_names, image_size)
     made_from = info.extra.get("checkpoint_sha256")
@@ -70,6 +72,30 @@ def check_export(path: Path, class_names: list[str], image_size: int, checkpoint
         check.problems.append(f"{STALE}: its checkpoint_sha256 {made_from[:12]}… is not best.pt's "
                               f"{checkpoint_sha256[:12]}… (re-export it: `edgekd export RUN`)")
     return check
+
+
+MAX_IMAGE_SIZE = 4096  # metadata past it is damage, not a model: a photo would be resized to gigapixels
+
+
+def metadata_value_problems(info) -> list[str]:
+    """Metadata values of the wrong type or out of range (class names that are no list of plain strings,
+    an image size past any model's, mean/std that are no three finite numbers, an unknown precision)."""
+    names, problems = info.class_names, []
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() and n.isprintable()
+                                                           for n in names):
+        problems.append(f"class_names {str(names)[:80]!r} is no list of printable names")
+    elif len(set(names)) != len(names):
+        problems.append("class_names repeats a name")
+    if not isinstance(info.image_size, int) or not 1 <= info.image_size <= MAX_IMAGE_SIZE:
+        problems.append(f"image_size {info.image_size!r} is not from 1 to {MAX_IMAGE_SIZE}")
+    for key in ("mean", "std"):
+        value = getattr(info, key)
+        if not (isinstance(value, list) and len(value) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            problems.append(f"{key} {str(value)[:60]!r} is not three finite numbers")
+    if info.precision not in PRECISIONS:
+        problems.append(f"precision {str(info.precision)[:20]!r} is none of {', '.join(PRECISIONS)}")
+    return problems
 
 
 def graph_mismatches(session, info) -> list[str]:
