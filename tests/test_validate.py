@@ -311,6 +311,22 @@ def test_a_file_onnxruntime_cannot_run_on_the_runs_images_fails_rather_than_skip
     model.graph.node.append(onnx.helper.make_node("Reshape", [f"{logits}_raw", "seven"], [logits]))
     onnx.save(model, path)
     result = validate_run(_plan(run_with_exports))
+    reasons = result.failures["tiny_student.fp32.onnx"]
+    assert reasons[0].startswith("cannot run on this run's images: onnxruntime cannot run it on one of them")
+    assert "fp32 · cpu" not in [s["variant"] for s in result.skipped]
+    assert [r["variant"] for r in result.rows][2:] == ["int8 · cpu"]
+
+
+def test_a_row_that_fails_on_onnxruntimes_cpu_provider_fails_rather_than_skips(run_with_exports, in_process):
+    path = run_with_exports / "exports" / "tiny_student.fp32.onnx"
+    model = onnx.load(path)  # a Reshape that fits a batch of one image only: the dry run passes, batch 4 cannot
+    logits = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_raw" if o == logits else o for o in node.output]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 3], np.int64), "one"))
+    model.graph.node.append(onnx.helper.make_node("Reshape", [f"{logits}_raw", "one"], [logits]))
+    onnx.save(model, path)
+    result = validate_run(_plan(run_with_exports, batch_sizes=[1, 4]))
     assert result.failures["fp32 · cpu"][0].startswith("cannot run on this run's images: onnxruntime cannot run it")
     assert "fp32 · cpu" not in [s["variant"] for s in result.skipped]
 

@@ -169,8 +169,10 @@ def _unusable_providers(requested: list[str]) -> dict[str, str]:
     return reasons
 
 
-def _checked_exports(plan: ValidationPlan, payload: dict | None = None, sha256: str | None = None) -> list:
-    """checks.check_export of every .onnx file in the run's exports/ folder, against its best.pt."""
+def _checked_exports(plan: ValidationPlan, payload: dict | None = None, sha256: str | None = None,
+                     sample: np.ndarray | None = None) -> list:
+    """checks.check_export of every .onnx file in the run's exports/ folder, against its best.pt (and run on
+    `sample`, one of the run's images, when given)."""
     from edgekd.train.checkpoint import file_sha256, read_checkpoint
 
     exports = sorted((plan.run_dir / "exports").glob("*.onnx"))
@@ -179,7 +181,8 @@ def _checked_exports(plan: ValidationPlan, payload: dict | None = None, sha256: 
     if payload is None:
         checkpoint = _checkpoint(plan.run_dir)
         payload, sha256 = read_checkpoint(checkpoint), file_sha256(checkpoint)
-    found = [checks.check_export(path, payload["class_names"], payload["image_size"], sha256) for path in exports]
+    found = [checks.check_export(path, payload["class_names"], payload["image_size"], sha256, sample)
+             for path in exports]
     for warning in (w for c in found for w in c.warnings):
         log.warning("%s", warning)
     return found
@@ -255,16 +258,6 @@ def _row_order(row: dict) -> tuple:
     return (1, PRECISION_ORDER.index(row["precision"]), _provider_rank(row["provider"]))
 
 
-def _unmeasured_files(variants: list[Variant], rows: list[dict], skipped: list[dict], failures: dict) -> None:
-    """An export that no requested runtime could load or run fails too (not one row of it was measured)."""
-    measured = {r["file"] for r in rows}
-    for path in dict.fromkeys(Path(v.path).name for v in variants if v.kind == "onnx"):
-        tried = [s for s in skipped if s["file"] == path and s.get("attempted")]
-        failed = any(v.name in failures for v in variants if Path(v.path).name == path)
-        if path not in measured and tried and not failed:
-            failures[path] = [f"{checks.CANNOT_RUN}: no runtime could run it ({tried[0]['reason']})"]
-
-
 def validate_run(plan: ValidationPlan) -> Validation:
     import torch
 
@@ -278,7 +271,7 @@ def validate_run(plan: ValidationPlan) -> Validation:
     cuda = torch.cuda.is_available()
     device = fingerprint(torch.cuda.get_device_name(0) if cuda else None)
     threads = plan.threads or device["physical_cores"]
-    exports = _checked_exports(plan, payload, sha256)
+    exports = _checked_exports(plan, payload, sha256, pixels[:1])
     rejected = [c for c in exports if c.problems]
     onnx_variants, skipped = _onnx_variants(plan, exports)
     variants = _pytorch_variants(checkpoint, payload.get("teacher"), cuda) + onnx_variants
@@ -300,8 +293,7 @@ def validate_run(plan: ValidationPlan) -> Validation:
                 continue
             if measured is None:
                 log.warning("skipped %s (%s): %s", variant.name, Path(variant.path).name, reason)
-                skipped.append({"variant": variant.name, "file": Path(variant.path).name, "reason": reason,
-                                "attempted": True})
+                skipped.append({"variant": variant.name, "file": Path(variant.path).name, "reason": reason})
                 continue
             reference = measured["logits"] if reference is None else reference
             gated = variant.name != TEACHER_ROW and variant is not variants[0]
@@ -311,7 +303,6 @@ def validate_run(plan: ValidationPlan) -> Validation:
             rows.append(row)
             if row["gate_failures"]:
                 failures[variant.name] = row["gate_failures"]
-    _unmeasured_files(variants, rows, skipped, failures)
     load_after, _ = checks.machine_load()
     load = max((v for v in (load_before, load_after) if v is not None), default=None)
     warnings = [w for c in exports for w in c.warnings] + checks.timing_warnings(rows, load, cores)

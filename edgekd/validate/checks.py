@@ -38,8 +38,10 @@ class ExportCheck:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_export(path: Path, class_names: list[str], image_size: int, checkpoint_sha256: str) -> ExportCheck:
-    """Every reason `path` cannot stand for the run's best.pt, without running it."""
+def check_export(path: Path, class_names: list[str], image_size: int, checkpoint_sha256: str,
+                 sample=None) -> ExportCheck:
+    """Every reason `path` cannot stand for the run's best.pt; `sample` (one of the run's images, (1, S, S, 3)
+    uint8) is run through onnxruntime's CPU provider, the runtime classify uses, when the metadata fits."""
     from edgekd.runtime.model_info import NotAnEdgekdModel, model_info_from_metadata
     from edgekd.runtime.session import open_session
 
@@ -65,6 +67,8 @@ def check_export(path: Path, class_names: list[str], image_size: int, checkpoint
     check.precision = info.precision
     check.problems += graph_mismatches(session, info)
     check.problems += _run_mismatches(info, class_names, image_size)
+    if sample is not None and not check.problems:
+        check.problems += _dry_run(session, info, sample)
     made_from = info.extra.get("checkpoint_sha256")
     if made_from is None:
         check.warnings.append(f"{path.name} does not say which checkpoint it was made from (no checkpoint_sha256)")
@@ -119,6 +123,23 @@ def _run_mismatches(info, class_names: list[str], image_size: int) -> list[str]:
     if info.class_names != class_names:
         problems.append(f"{METADATA}: its classes {info.class_names} are not the run's {class_names}")
     return problems
+
+
+def _dry_run(session, info, sample) -> list[str]:
+    import numpy as np
+
+    from edgekd.runtime.session import as_input
+
+    try:
+        logits = session.run(None, {info.input_name: as_input(sample)})[0]
+    except Exception as exc:  # onnxruntime's own exception types
+        return [f"{CANNOT_RUN}: onnxruntime cannot run it on one of them ({_first_line(exc)})"]
+    if logits.shape != (len(sample), len(info.class_names)):
+        return [f"{METADATA}: it outputs {list(logits.shape)} for {len(sample)} image(s) of "
+                f"{len(info.class_names)} classes"]
+    if not np.all(np.isfinite(logits)):
+        return [f"{CANNOT_RUN}: its outputs on one of them are not finite (NaN or inf)"]
+    return []
 
 
 def _first_line(exc: Exception) -> str:
