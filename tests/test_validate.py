@@ -236,8 +236,8 @@ def test_a_pytorch_row_timed_by_a_jittering_clock_is_warned_as_noisy(run_with_ex
     # timed for the same --latency-seconds as every row, after its warm-up: not a fixed 10 runs
     assert timing["runs"] > 30 and timing["warmup_runs"] >= 3
     assert timing["p50_ms"] == pytest.approx(1.0) and timing["p90_ms"] == pytest.approx(20.0)
-    noisy = [w for w in result.warnings if w.startswith("pytorch fp32 · cpu: wide latency spread")]
-    assert noisy and "20.0x p50" in noisy[0] and "--latency-seconds" in noisy[0]
+    noisy = [w for w in result.warnings if w.startswith("wide latency spread (p90 over twice p50)")]
+    assert noisy and "pytorch fp32 · cpu (b1 p90 20.0x p50)" in noisy[0] and "--latency-seconds" in noisy[0]
     assert not any("machine was busy" in w for w in result.warnings)
 
 
@@ -249,7 +249,9 @@ def test_a_busy_machine_and_a_wide_spread_are_warned():
     assert timing_warnings([steady], 1.0, 2) == []
     warnings = timing_warnings([steady, noisy], 5.3, 2)
     assert warnings[0].startswith("the machine was busy while measuring (load average 5.3 on 2 cores)")
-    assert len(warnings) == 2 and warnings[1].startswith("pytorch fp32 · cpu: wide latency spread (batch 1:")
+    assert warnings[1] == ("wide latency spread (p90 over twice p50) in 1 of 2 rows: pytorch fp32 · cpu (b1 p90 "
+                           "88.0x p50): those p50s are no steady numbers; rerun on an idle machine or with a longer "
+                           "--latency-seconds") and len(warnings) == 2
 
 
 def test_a_gate_finer_than_one_image_says_so_on_a_45_image_split(run_with_exports, in_process):
@@ -429,3 +431,9 @@ def test_the_plot_labels_never_overlap_and_the_exports_set_its_range():
     low, high = ax.get_xlim()
     assert high < 100 and ax.get_ylim()[1] < 95  # neither PyTorch's 704 ms nor the teacher's 97 % stretch it
     assert any("off the chart: pytorch fp32 · cpu: 90.00% at 704.00 ms" in t.get_text() for t in fig.texts)
+
+
+def test_a_dataset_that_moved_gets_a_hint_validate_can_follow(run_with_exports, tmp_path):
+    result = CliRunner().invoke(cli, ["validate", str(run_with_exports), *FAST, "--data", str(tmp_path / "gone")])
+    assert result.exit_code == 1 and "does not exist" in result.output, result.output
+    assert "--set" not in result.output and "point --data at it: edgekd validate RUN --data DIR" in result.output

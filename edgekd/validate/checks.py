@@ -164,12 +164,16 @@ def timing_warnings(rows: list[dict], load: float | None, cores: int) -> list[st
     if load is not None and load > cores:
         warnings.append(f"the machine was busy while measuring (load average {load:.1f} on {cores} cores): "
                         f"latencies are slower and noisier than on an idle machine; rerun when it is idle")
+    noisy = []
     for row in rows:
-        wide = [f"batch {batch}: p90 {t['p90_ms']:.2f} ms is {t['p90_ms'] / t['p50_ms']:.1f}x p50 {t['p50_ms']:.2f} ms"
-                for batch, t in row.get("latency", {}).items() if t["p50_ms"] > 0 and t["p90_ms"] > 2 * t["p50_ms"]]
+        wide = [f"b{batch} p90 {t['p90_ms'] / t['p50_ms']:.1f}x p50" for batch, t in row.get("latency", {}).items()
+                if t["p50_ms"] > 0 and t["p90_ms"] > 2 * t["p50_ms"]]
         if wide:
-            warnings.append(f"{row['variant']}: wide latency spread ({'; '.join(wide)}): its p50 is no steady "
-                            f"number; rerun on an idle machine or with a longer --latency-seconds")
+            noisy.append(f"{row['variant']} ({', '.join(wide)})")
+    if noisy:
+        warnings.append(f"wide latency spread (p90 over twice p50) in {len(noisy)} of {len(rows)} rows: "
+                        f"{'; '.join(noisy)}: those p50s are no steady numbers; rerun on an idle machine or "
+                        f"with a longer --latency-seconds")
     return warnings
 
 

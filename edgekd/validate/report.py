@@ -161,6 +161,7 @@ def figure(validation):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     batch = str(min(validation.settings["batch_sizes"]))
     points = [r for r in validation.rows if batch in r.get("latency", {})]
@@ -172,6 +173,8 @@ def figure(validation):
     xs = [r["latency"][batch]["p50_ms"] for r in candidates]
     ys = [100 * r["accuracy"] for r in candidates]
     ax.set_xscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 0.06, not 6×10⁻²
+        axis(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlim(*_axis_range(xs, True, 0))
     ax.set_ylim(*_axis_range(ys, False, 2.0))
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
