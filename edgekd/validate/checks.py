@@ -126,8 +126,6 @@ def _run_mismatches(info, class_names: list[str], image_size: int) -> list[str]:
 
 
 def _dry_run(session, info, sample) -> list[str]:
-    import numpy as np
-
     from edgekd.runtime.session import as_input
 
     try:
@@ -137,9 +135,7 @@ def _dry_run(session, info, sample) -> list[str]:
     if logits.shape != (len(sample), len(info.class_names)):
         return [f"{METADATA}: it outputs {list(logits.shape)} for {len(sample)} image(s) of "
                 f"{len(info.class_names)} classes"]
-    if not np.all(np.isfinite(logits)):
-        return [f"{CANNOT_RUN}: its outputs on one of them are not finite (NaN or inf)"]
-    return []
+    return []  # outputs that are not finite are the gate's to name, with the row's numbers beside them
 
 
 def _first_line(exc: Exception) -> str:
