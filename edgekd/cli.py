@@ -340,7 +340,7 @@ def validate(run_dir, split, providers, batch_sizes, max_drop, min_agreement, th
     RUN_DIR defaults to the newest distilled run. Exits 1 when any variant breaks its thresholds.
     """
     from edgekd.validate import ValidationPlan, validate_run
-    from edgekd.validate.report import terminal_table, write_reports
+    from edgekd.validate.report import earlier_lines, terminal_table, write_reports
 
     run = Path(run_dir) if run_dir else _newest_run(artifacts, mode="distill")
     result = validate_run(ValidationPlan(run, split, providers, batch_sizes, threads, max_drop, min_agreement,
@@ -351,11 +351,19 @@ def validate(run_dir, split, providers, batch_sizes, max_drop, min_agreement, th
     click.echo(terminal_table(result))
     for skipped in result.skipped:
         click.echo(f"skipped   {skipped['variant']} ({skipped['file']}): {skipped['reason']}")
+    for line in earlier_lines(result):
+        click.echo(f"earlier   {line}")
+    for warning in result.warnings:
+        click.secho(f"warning   {warning}", fg="yellow", err=True)
     paths = write_reports(result, run)
     click.echo(f"\nwritten   {', '.join(str(p) for p in paths)}")
     if result.failures:
         for name, reasons in result.failures.items():
             click.secho(f"FAIL      {name}: {'; '.join(reasons)}", fg="red", err=True)
+        sys.exit(1)
+    if not result.gated_rows:
+        click.secho("FAIL      no export was measured here (every row was skipped): nothing passed the gate",
+                    fg="red", err=True)
         sys.exit(1)
     click.echo("every variant is within its thresholds")
 
@@ -532,6 +540,8 @@ def report(paths, out, artifacts) -> None:
         click.secho(result.report.scale_warning, fg="yellow")
     for table in result.report.tables:
         click.echo(f"{table.title}: {len(table.rows)} row(s)")
+    for line in result.report.omitted:
+        click.echo(f"not shown: {line}")
     for line in result.collection.not_included:
         click.echo(f"not included: {line}")
     click.echo(f"written   {', '.join(str(p) for p in result.files)}")

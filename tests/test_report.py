@@ -20,13 +20,20 @@ from edgekd.report.tables import build_tables
 from edgekd.sweep import SweepPlan, run_sweep
 
 
+# Generated images under Intel Image Classification's six class names: the paper's reference columns belong
+# beside runs on its dataset only.
+INTEL_COLOURS = {"buildings": (200, 60, 60), "forest": (40, 180, 60), "glacier": (220, 220, 240),
+                 "mountain": (120, 100, 80), "sea": (50, 80, 210), "street": (90, 90, 90)}
+INTEL_CLASSES = sorted(INTEL_COLOURS)
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory):
     """A teacher (3 blocks) with an fp16 run, two students (2 and 1 blocks) with no-KD baselines, an fp8 run
     of the 2-block student: every table has rows. Two epochs each at 16 px on generated colour images."""
     base = tmp_path_factory.mktemp("sweep")
-    root = make_image_folder(base / "colours" / "train", per_class=16, seed=1).parent
-    make_image_folder(root / "val", per_class=6, seed=2)
+    root = make_image_folder(base / "colours" / "train", per_class=8, seed=1, classes=INTEL_COLOURS).parent
+    make_image_folder(root / "val", per_class=3, seed=2, classes=INTEL_COLOURS)
     common = {"data": {"cache_dir": str(base / "cache")}}
     write_recipe(base / "t.yaml", root, model={"blocks": 3}, **common)
     for name, blocks in (("s2", 2), ("s1", 1)):
@@ -166,7 +173,7 @@ def _record(name, blocks, precision="fp32", metrics=None, **summary):
     base = {"mode": "distill", "status": "finished", "best_val_acc": 0.6, "best_epoch": 2, "seconds_per_epoch": 3.0,
             "precision": {"mode": precision, "native": precision == "fp32"},
             "model": {"name": "paper_cnn", "args": {"blocks": blocks}, "parameters": 1000 * blocks},
-            "dataset": {"image_size": 32, "classes": ["a", "b"], "sizes": {"train": 10, "val": 4}}}
+            "dataset": {"image_size": 32, "classes": INTEL_CLASSES, "sizes": {"train": 10, "val": 4}}}
     return RunRecord(name, Path("/nonexistent") / name, {**base, **summary}, metrics, {}, role="student",
                      base=f"intel_{blocks}block")
 
@@ -242,3 +249,62 @@ def test_students_of_one_recipe_share_its_no_kd_baseline(sweep_dir, tmp_path):
     built = tables(sweep_dir / "s2", twin, sweep_dir / "s2_nokd")
     gains = {r["run"]: r["kd_gain_pts"] for r in built["II"].rows}
     assert gains["s2_again"] == pytest.approx(gains["s2"] - 10)
+
+
+@pytest.fixture
+def colour_runs(distilled_run, tmp_path):
+    """The shared teacher and student, trained on three colour classes: not the paper's dataset."""
+    for name in ("tiny_teacher", "tiny_student"):
+        shutil.copytree(distilled_run.parent / name, tmp_path / "runs" / name, ignore=shutil.ignore_patterns("exports"))
+    return tmp_path / "runs"
+
+
+def test_a_report_on_another_dataset_has_no_reference_columns_and_no_empty_tables(colour_runs, tmp_path):
+    result = CliRunner().invoke(cli, ["report", str(colour_runs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "Table I — teacher: 1 row(s)" in result.output and "Table II — weight reduction" in result.output
+    assert "not shown: Table III — training precision: teacher: no teacher trained at more" in result.output
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [t["key"] for t in saved["tables"]] == ["I", "II"] and saved["paper_setting"] is None
+    for t in saved["tables"]:
+        assert t["rows"] and not any(c["paper"] for c in t["columns"]), t["key"]
+        assert not any(note.startswith("paper columns") for note in t["notes"])
+    md, html = (tmp_path / "out" / "report.md").read_text(), (tmp_path / "out" / "report.html").read_text()
+    for text in (md, html):
+        assert "paper:" not in text and "the paper" not in text
+        assert "\n(no rows)" not in text and "'notes'>(no rows)" not in text  # an empty table's placeholder
+        assert "Park & Kotla" not in text and "seed 00" not in text
+    assert "| scale | these runs |\n" in md and "Tables not shown (no rows): Table III" in md
+
+
+def test_a_report_out_folder_that_cannot_be_written_is_one_clear_error(sweep_dir, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file" / "report", Path("/proc/edgekd-report")):
+        result = CliRunner().invoke(cli, ["report", str(sweep_dir / "t"), "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        assert f"Error: cannot write the report into {out}" in result.output and "--out DIR" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("name, content, named", [
+    ("summary.json", "[1, 2]", "s1_nokd: summary.json damaged (it is list, not an object)"),
+    ("summary.json", '{"model": "paper_cnn", "best_val_acc": 0.5}', "s1_nokd: summary.json damaged (model is str"),
+    ("metrics.jsonl", '{"epoch": "one", "train_loss": 1, "val_loss": 1, "val_acc": 0.5}\n',
+     "s1_nokd: metrics.jsonl damaged (epoch is str, not int)"),
+    ("validation.json", '{"rows": 3}', "s1_nokd: validation.json damaged ('rows' is not a list of objects)"),
+    ("recipe.yaml", "train: [unclosed", "s1_nokd: recipe.yaml unreadable"),
+])
+def test_one_damaged_record_never_blocks_the_other_runs(sweep_dir, name, content, named):
+    (sweep_dir / "s1_nokd" / name).write_text(content)
+    result = write_report([sweep_dir])
+    assert any(line.startswith(named) for line in result.collection.not_included), result.collection.not_included
+    assert [r["run"] for r in table(result.report, "II").rows] == ["s2", "s1"]
+
+
+def test_a_damaged_sweep_json_reads_its_runs_as_loose_ones(sweep_dir):
+    (sweep_dir / "sweep.json").write_text('{"members": ["s2"]}')
+    result = write_report([sweep_dir])
+    assert result.collection.sweep is None
+    assert any("sweep.json damaged (members is list, not an object); its run folders are read as loose runs" in line
+               for line in result.collection.not_included)
+    assert {r["run"] for r in table(result.report, "II").rows} == {"s2", "s1"}

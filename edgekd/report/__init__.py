@@ -1,4 +1,4 @@
-"""`edgekd report`: seed 000's Tables I–IV and seed 001's training curves for your own runs.
+"""`edgekd report`: Park & Kotla's Tables I–IV and Nguyen's training curves for your own runs.
 
 Writes report.md (figures in figures/), a self-contained report.html (figures inline) and report.json
 (the tables, for machines) from run folders or a sweep folder.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +33,20 @@ class ReportResult:
 
 
 def build_report(collection: Collection) -> Report:
-    tables = build_tables(collection)
-    sections = [_kd_section(tables, collection), _curves_section(collection), _confusion_section(collection)]
-    scale, warning = _scale(collection)
+    built = build_tables(collection)
+    sections = [_kd_section(built, collection), _curves_section(collection), _confusion_section(collection)]
+    with_paper = any(r.on_paper_dataset for r in collection.runs)
+    scale, warning = _scale(collection, with_paper)
     sweep = collection.sweep
     title = f"edgekd report: {sweep['sweep']}" if sweep else f"edgekd report: {len(collection.runs)} runs"
     overrides = "".join(f" --set {o}" for o in (sweep or {}).get("overrides", []))
     source = (f"Sweep {sweep['sweep_file']}{overrides}" if sweep
               else "Runs: " + ", ".join(r.name for r in collection.runs))
-    source += f". Reference columns (shaded): {paper.CITATION}."
+    source += f". Reference columns (shaded): {paper.CITATION}." if with_paper else ""
+    tables = [t for t in built if t.rows]  # an empty table says nothing its reason cannot say in a line
+    omitted = [f"{t.title}: {t.notes[0]}" for t in built if not t.rows]
     return Report(title, scale, warning, LEGEND, tables, [s for s in sections if s.figures or s.notes],
-                  collection.not_included, source)
+                  collection.not_included, source, omitted)
 
 
 def write_report(paths: list[str | Path], out_dir: str | Path | None = None) -> ReportResult:
@@ -50,18 +54,37 @@ def write_report(paths: list[str | Path], out_dir: str | Path | None = None) -> 
     paths = [Path(p) for p in paths]
     collection = collect(paths)
     out = Path(out_dir) if out_dir else _default_out(paths)
+    _check_writable(out)  # before the evaluations and figures, which take a while
     report = build_report(collection)
     files = []
-    for section in report.sections:
-        for figure in section.figures:
-            path = out / "figures" / f"{figure.name}.png"
-            atomic_write(path, lambda tmp, png=figure.png: tmp.write_bytes(png))
-    for name, text in (("report.md", markdown(report)), ("report.html", to_html(report))):
-        atomic_write_text(out / name, text)
-        files.append(out / name)
-    atomic_write_json(out / "report.json", _json(report, collection))
+    try:
+        for section in report.sections:
+            for figure in section.figures:
+                path = out / "figures" / f"{figure.name}.png"
+                atomic_write(path, lambda tmp, png=figure.png: tmp.write_bytes(png))
+        for name, text in (("report.md", markdown(report)), ("report.html", to_html(report))):
+            atomic_write_text(out / name, text)
+            files.append(out / name)
+        atomic_write_json(out / "report.json", _json(report, collection))
+    except OSError as exc:
+        raise _unwritable(out, exc) from exc
     files.append(out / "report.json")
     return ReportResult(report, collection, files)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _unwritable(out, exc) from exc
+
+
+def _unwritable(out: Path, exc: OSError) -> EdgekdError:
+    return EdgekdError(f"cannot write the report into {out} ({exc.strerror or exc.__class__.__name__})",
+                       hint="choose a folder you can write to with --out DIR")
 
 
 def _default_out(paths: list[Path]) -> Path:
@@ -76,7 +99,8 @@ def _json(report: Report, collection: Collection) -> dict:
                       "precision": r.precision, "precision_native": r.precision_native, "status": r.summary.get("status"),
                       "run_dir": str(r.run_dir)} for r in collection.runs],
             "figures": [f"figures/{f.name}.png" for s in report.sections for f in s.figures],
-            "not_included": report.not_included, "paper_setting": paper.SETTING}
+            "not_included": report.not_included, "tables_not_shown": report.omitted,
+            "paper_setting": paper.SETTING if any(r.on_paper_dataset for r in collection.runs) else None}
 
 
 # ----- sections -----------------------------------------------------------------------------------------
@@ -86,7 +110,7 @@ def _kd_section(tables: list[Table], collection: Collection) -> Section:
 
     rows = [r for r in next(t for t in tables if t.key == "II").rows if r["nokd_acc_pct"] is not None]
     section = Section("KD gain", "Best validation accuracy of each distilled student and of the same model, "
-                      "budget and seed trained with cross-entropy alone: the ablation seed 000 lacks.")
+                      "budget and seed trained with cross-entropy alone: the ablation Park & Kotla lack.")
     if rows:
         teacher = next((t.rows[0]["best_acc_pct"] for t in tables if t.key == "I" and t.rows), None)
         section.figures.append(Figure("kd_gain", "KD gain", plots.kd_gain(rows, teacher)))
@@ -96,7 +120,7 @@ def _kd_section(tables: list[Table], collection: Collection) -> Section:
 def _curves_section(collection: Collection) -> Section:
     from edgekd.report import plots
 
-    section = Section("Training curves", "Loss and accuracy per epoch, train and validation, as in seed 001's "
+    section = Section("Training curves", "Loss and accuracy per epoch, train and validation, as in Nguyen's "
                       "figures. A distilled run's train loss is its KD loss; its validation loss is cross-entropy.")
     for record in _ordered(collection.runs):
         caption = (f"{record.name}: best val acc {100 * record.best_acc:.2f}% at epoch "
@@ -137,13 +161,31 @@ def _evaluation(record: RunRecord) -> dict:
         raise EdgekdError("best.pt is missing")
     if stored.is_file() and stored.stat().st_mtime >= checkpoint.stat().st_mtime:
         try:
-            return json.loads(stored.read_text())
-        except ValueError:
+            data = json.loads(stored.read_text())
+            if _evaluation_shape_ok(data):
+                return data
+            log.warning("%s has the wrong shape: evaluating again", stored)
+        except (OSError, UnicodeDecodeError, ValueError):
             pass
     log.info("evaluating %s on the val split for its confusion matrix", checkpoint)
     result = {"checkpoint": str(checkpoint), **evaluate_checkpoint(checkpoint, "val").to_dict()}
-    atomic_write_json(stored, result)
+    try:
+        atomic_write_json(stored, result)
+    except OSError as exc:  # a cache: a read-only run folder only means evaluating again next time
+        log.warning("could not keep %s (%s)", stored, exc.strerror)
     return result
+
+
+def _evaluation_shape_ok(data) -> bool:
+    number = (int, float)
+    return (isinstance(data, dict) and isinstance(data.get("accuracy"), number)
+            and isinstance(data.get("images"), int) and isinstance(data.get("split"), str)
+            and isinstance(data.get("class_names"), list) and isinstance(data.get("per_class_accuracy"), list)
+            and len(data["per_class_accuracy"]) == len(data["class_names"])
+            and all(a is None or isinstance(a, number) for a in data["per_class_accuracy"])
+            and isinstance(data.get("confusion"), list) and len(data["confusion"]) == len(data["class_names"])
+            and all(isinstance(row, list) and len(row) == len(data["class_names"])
+                    and all(isinstance(v, int) for v in row) for row in data["confusion"]))
 
 
 def _ordered(records: list[RunRecord]) -> list[RunRecord]:
@@ -153,7 +195,7 @@ def _ordered(records: list[RunRecord]) -> list[RunRecord]:
 
 # ----- scale --------------------------------------------------------------------------------------------
 
-def _scale(collection: Collection) -> tuple[list[tuple[str, str, str]], str | None]:
+def _scale(collection: Collection, with_paper: bool = True) -> tuple[list[tuple[str, str, str | None]], str | None]:
     runs = collection.runs
     datasets = [r.summary.get("dataset", {}) for r in runs]
     sizes = sorted({d.get("image_size") for d in datasets if d.get("image_size")})
@@ -161,7 +203,7 @@ def _scale(collection: Collection) -> tuple[list[tuple[str, str, str]], str | No
     classes = sorted({len(d.get("classes", [])) for d in datasets})
     planned = sorted({r.summary.get("epochs_planned") for r in runs if r.summary.get("epochs_planned")})
     done = sorted({len(r.metrics) for r in runs})
-    batches = sorted({r.recipe.get("train", {}).get("batch_size") for r in runs if r.recipe.get("train")})
+    batches = sorted({b for r in runs if isinstance(b := r.recipe.get("train", {}).get("batch_size"), int)})
     devices = sorted({_device_text(r.summary) for r in runs})
     precisions = sorted({f"{r.precision} {'native' if r.precision_native else 'simulated'}" for r in runs},
                         key=lambda p: ("fp32", "bf16", "fp16", "fp8").index(p.split()[0]))
@@ -176,6 +218,8 @@ def _scale(collection: Collection) -> tuple[list[tuple[str, str, str]], str | No
         ("device", _join(devices), setting["device"]),
         ("precision", _join(precisions), setting["precision"]),
     ]
+    if not with_paper:  # another dataset: the paper's setting is no yardstick
+        return [(what, ours, None) for what, ours, _ in scale], None
     small = (sizes and max(sizes) < setting["image_size"]) or any(t < 10_000 for t, _ in counts) \
         or not any(r.summary.get("device") == "cuda" for r in runs)
     warning = ("These runs are not at the paper's setting (see the scale below): compare trends, not "

@@ -1,4 +1,4 @@
-"""The published numbers of seed 000 (Park & Kotla), shown beside ours as reference columns.
+"""The published numbers of Park & Kotla, shown beside ours as reference columns on their dataset.
 
 Every number below is copied from ../shared/seeds/000_251c1be39df953ba.txt; nothing is derived.
 Table I (teacher), Table II (weight reduction), Table III (precision on the teacher) and Table IV
@@ -43,12 +43,20 @@ SETTING = {
     "device": "one NVIDIA GeForce RTX 4070 Laptop GPU",
     "precision": "fp32; fp16 and fp8 via torch.set_default_dtype() and bitsandbytes (section III-D)",
 }
-CITATION = "Park & Kotla (seed 000), Tables I–IV"
+CITATION = "Park & Kotla, Tables I–IV"
+# Intel Image Classification's classes: the paper's numbers mean something beside runs on this dataset only.
+PAPER_CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
+
+
+def on_paper_dataset(classes) -> bool:
+    """Whether a run's classes are those of the paper's dataset (names in any case, in any order)."""
+    return isinstance(classes, list) and sorted(str(c).lower() for c in classes) == list(PAPER_CLASSES)
 
 
 def reference(model: dict, precision: str) -> PaperRow | None:
     """The paper's row for one of its own architectures (paper_cnn at the default width), else None."""
     args = model.get("args", {})
-    if model.get("name") != "paper_cnn" or args.get("width", 16) != 16:
+    if not isinstance(args, dict) or model.get("name") != "paper_cnn" or args.get("width", 16) != 16:
         return None
-    return ROWS.get((args.get("blocks", 8), precision))  # 8: paper_cnn's default
+    blocks = args.get("blocks", 8) if isinstance(args, dict) else None  # 8: paper_cnn's default
+    return ROWS.get((blocks, precision)) if isinstance(blocks, int) else None

@@ -1,4 +1,4 @@
-"""The report's figures as PNG bytes: training curves (seed 001's figures), confusion matrices, KD gain.
+"""The report's figures as PNG bytes: training curves (as in Nguyen's figures), confusion matrices, KD gain.
 
 matplotlib is imported on first use, with the Agg backend (no display needed).
 """

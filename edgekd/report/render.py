@@ -35,6 +35,7 @@ class Report:
     sections: list[Section]
     not_included: list[str]
     source: str
+    omitted: list[str] = field(default_factory=list)  # "title: why it has no rows"
 
 
 # ----- markdown -----------------------------------------------------------------------------------------
@@ -43,12 +44,17 @@ def markdown(report: Report) -> str:
     out = [f"# {report.title}", "", report.source, ""]
     if report.scale_warning:
         out += [f"> **{report.scale_warning}**", ""]
-    out += ["| scale | these runs | the paper |", "|---|---|---|"]
-    out += [f"| {what} | {ours} | {theirs} |" for what, ours, theirs in report.scale]
+    if _with_paper(report):
+        out += ["| scale | these runs | the paper |", "|---|---|---|"]
+        out += [f"| {what} | {ours} | {theirs} |" for what, ours, theirs in report.scale]
+    else:
+        out += ["| scale | these runs |", "|---|---|"] + [f"| {what} | {ours} |" for what, ours, _ in report.scale]
     out += ["", report.legend]
     for table in report.tables:
         out += ["", f"## {table.title}", "", _md_table(table)]
         out += [""] + [f"- {note}" for note in table.notes] if table.notes else []
+    if report.omitted:
+        out += ["", "Tables not shown (no rows): " + " ".join(report.omitted)]
     for section in report.sections:
         out += ["", f"## {section.title}", ""]
         out += [section.intro, ""] if section.intro else []
@@ -57,6 +63,10 @@ def markdown(report: Report) -> str:
     if report.not_included:
         out += ["", "## Not included", ""] + [f"- {line}" for line in report.not_included]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _with_paper(report: Report) -> bool:
+    return any(theirs is not None for _, _, theirs in report.scale)
 
 
 def _md_table(table: Table) -> str:
@@ -102,12 +112,17 @@ def to_html(report: Report) -> str:
            f"<p class='source'>{e(report.source)}</p>"]
     if report.scale_warning:
         out.append(f"<p class='warning'>{e(report.scale_warning)}</p>")
-    out.append("<table><tr><th>scale</th><th>these runs</th><th class='paper'>the paper</th></tr>")
-    out += [f"<tr><td>{e(w)}</td><td>{e(o)}</td><td class='paper'>{e(t)}</td></tr>" for w, o, t in report.scale]
+    paper = _with_paper(report)
+    out.append("<table><tr><th>scale</th><th>these runs</th>" + ("<th class='paper'>the paper</th>" if paper else "")
+               + "</tr>")
+    out += [f"<tr><td>{e(w)}</td><td>{e(o)}</td>" + (f"<td class='paper'>{e(t)}</td>" if paper else "") + "</tr>"
+            for w, o, t in report.scale]
     out += ["</table>", f"<p class='notes'>{_inline(report.legend)}</p>"]
     for table in report.tables:
         out += [f"<h2 id='table-{table.key}'>{e(table.title)}</h2>", _html_table(table)]
         out += ["<ul class='notes'>" + "".join(f"<li>{_inline(n)}</li>" for n in table.notes) + "</ul>"] if table.notes else []
+    if report.omitted:
+        out.append("<p class='notes'>Tables not shown (no rows): " + " ".join(map(_inline, report.omitted)) + "</p>")
     for section in report.sections:
         out.append(f"<h2>{e(section.title)}</h2>")
         out += [f"<p>{_inline(section.intro)}</p>"] if section.intro else []
