@@ -310,7 +310,7 @@ class MetricsLog:
                 record = json.loads(line)
             except ValueError:
                 break  # a line torn by a crash: it and anything after it never finished
-            if not isinstance(record, dict) or not isinstance(record.get("epoch", 0), int):
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
                 break  # not a line edgekd wrote: the log is trusted no further
             records.append(record)
         return records

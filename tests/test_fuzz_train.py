@@ -4,6 +4,7 @@ folders, driven through the CLI. Whatever comes in: no traceback, no hang, and a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -19,6 +20,8 @@ from hypothesis import strategies as st
 from conftest import make_image_folder, write_recipe
 from edgekd.cli import cli
 
+# EDGEKD_FUZZ_SCALE=20 for a deeper search by hand; CI runs the small default.
+SCALE = int(os.environ.get("EDGEKD_FUZZ_SCALE", "1"))
 CALL_SECONDS = 120  # far above what any of these takes (well under a second alone): only a hang reaches it
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
                 derandomize=True)
@@ -73,7 +76,7 @@ VALUES = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=12), st.integers()
                    st.floats(allow_nan=True, allow_infinity=True).map(repr))
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=40 * SCALE)
 @given(key=st.sampled_from(KEYS), value=VALUES)
 def test_any_set_value_is_accepted_or_refused_in_one_line(trained, key, value):
     # data.root is a folder that does not exist, so a value that passes fails at the data, before training
@@ -93,7 +96,7 @@ RECIPES = st.dictionaries(st.sampled_from(SECTIONS), st.one_of(
     max_size=5)
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=40 * SCALE)
 @given(content=st.one_of(RECIPES.map(lambda r: yaml.safe_dump(r).encode()), st.binary(max_size=200),
                          st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass"))))
 def test_any_recipe_file_is_refused_in_one_line(trained, content):
@@ -114,7 +117,7 @@ SWEEPS = st.dictionaries(
     max_size=5)
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=30 * SCALE)
 @given(spec=SWEEPS)
 def test_any_sweep_file_is_planned_or_refused_in_one_line(trained, spec):
     folder = Path(tempfile.mkdtemp(dir=trained["base"]))
@@ -146,7 +149,7 @@ def _damage(path: Path, how: tuple) -> None:
         path.write_text(value)
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=25 * SCALE)
 @given(mutation=_mutations(), command=st.sampled_from(["evaluate", "evaluate-newest", "resume", "teacher"]))
 def test_a_damaged_run_folder_never_crashes_a_command(trained, mutation, command):
     folder = Path(tempfile.mkdtemp(dir=trained["base"]))
@@ -174,7 +177,7 @@ PAYLOAD_FIELDS = st.dictionaries(
     max_size=4)
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=25 * SCALE)
 @given(changes=PAYLOAD_FIELDS)
 def test_an_edgekd_checkpoint_with_fields_of_any_shape_is_a_clear_error(trained, changes):
     folder = Path(tempfile.mkdtemp(dir=trained["base"]))

@@ -170,6 +170,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _mean(values: list) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -449,7 +454,7 @@ class Trainer:
         finished epochs, and a mid-epoch last.pt says in train_state.epoch_progress how far the next one got."""
         payload = {**self.meta, "state_dict": self.eval_model.state_dict(), "recipe": self.recipe.to_dict(),
                    "mode": self.mode, "role": "student" if self.mode == "distill" else "teacher",
-                   "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"] if self.history else None,
+                   "epoch": self.epoch, "val_acc": self.history[-1].get("val_acc") if self.history else None,
                    "precision": self.precision,
                    "run": self.run_dir.name, "teacher": self._teacher_info(), "saved": _now()}
         if self.policy.fake_quant == "fp8":
@@ -504,8 +509,7 @@ class Trainer:
             "teacher_views_fill": self.views.fill if self.views is not None else None,
             "epochs_done": self.epoch, "epochs_planned": self.recipe.train.epochs,
             "best_epoch": self.stopper.best_epoch, "best_val_acc": self.stopper.best_acc if self.epoch else None,
-            "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
-                                  if self.history else None),
+            "seconds_per_epoch": _mean([r.get("seconds") for r in self.history]),
             "distributed": {**self.dist.describe(), "ranks_identical": getattr(self, "ranks_identical", None)},
             "last_saved": self.saved, "checkpointing": self.checkpointing, "process": process_identity(), "started": self.started, "updated": _now()}
         if self.dist.main:
@@ -560,6 +564,11 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
     for stale in remove_stale_temporaries(run_dir):  # a SIGKILL during a save leaves its temporary behind
         log.info("removed %s, left by a save the last process did not finish", stale.name)
     if not (run_dir / "last.pt").is_file():
+        if (run_dir / "best.pt").exists() or MetricsLog(run_dir / "metrics.jsonl").read():
+            # epochs finished, yet the state to continue them is gone (deleted to save room?): never
+            # start over on top of what they left
+            raise CheckpointError(f"{run_dir} has finished epochs but no last.pt to continue them from",
+                                  hint="start a new run without --resume; this folder is kept as it is")
         log.warning("%s was stopped before its first save: restarting it from the beginning in the same folder",
                     run_dir)
         for leftover in ("metrics.jsonl", "best.pt"):
