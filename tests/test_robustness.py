@@ -500,3 +500,17 @@ def test_a_run_still_being_trained_is_known_as_such(tmp_path):
     (run_dir / "summary.json").write_text(json.dumps({"status": "running", "process": dead}))
     assert still_running(run_dir) is None
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_evaluate_in_a_read_only_run_folder_still_answers(tmp_path, teacher_recipe, monkeypatch):
+    import edgekd.runs
+
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "artifacts")
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(edgekd.runs, "atomic_write_json", read_only)
+    result = CliRunner().invoke(cli, ["evaluate", "--split", "val"])
+    assert result.exit_code == 0 and "val accuracy" in result.output
+    assert "warning: could not write" in result.output and "written" not in result.output

@@ -447,3 +447,25 @@ def test_nproc_that_does_not_divide_the_batch_is_refused_before_torchrun(tmp_pat
     result = CliRunner().invoke(cli, ["train", str(teacher_recipe), "--nproc", "5"])
     assert result.exit_code == 2 and "train.batch_size 12 does not split evenly over 5 processes" in result.output
     assert "--set train.batch_size=10" in result.output
+
+
+def test_retrying_a_run_that_failed_before_any_epoch_takes_its_folder(tmp_path, teacher_recipe, monkeypatch):
+    import edgekd.train.trainer as trainer_module
+    from edgekd.errors import DataError
+
+    real = trainer_module._render_split
+
+    def broken(recipe, dataset):
+        raise DataError("the photos moved")
+
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setattr(trainer_module, "_render_split", broken)
+    for _ in range(2):
+        with pytest.raises(DataError):
+            run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
+    assert [p.name for p in artifacts.iterdir()] == ["tiny_teacher"]
+    assert json.loads((artifacts / "tiny_teacher" / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(trainer_module, "_render_split", real)
+    assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher"
+    # a run with finished epochs is never taken over by the next one
+    assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher-2"

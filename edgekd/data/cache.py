@@ -87,9 +87,9 @@ def _open(folder: Path, name: str, image_size: int) -> CachedSplit:
     """The entry's arrays, each checked against index.json; DamagedCache when any does not fit."""
     index = _read_index(folder / "index.json", image_size)
     rows = len(index["ids"])
-    for name in ("images.npy", *(["labels.npy"] if index["labeled"] else [])):
-        if not (folder / name).is_file():  # missing, or a FIFO or folder under the name: never opened
-            raise DamagedCache(f"{name} is not a file")
+    for file in ("images.npy", *(["labels.npy"] if index["labeled"] else [])):
+        if not (folder / file).is_file():  # missing, or a FIFO or folder under the name: never opened
+            raise DamagedCache(f"{file} is not a file")
     try:
         images = np.load(folder / "images.npy", mmap_mode="r")
         labels = np.load(folder / "labels.npy") if index["labeled"] else None

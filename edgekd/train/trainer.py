@@ -553,7 +553,7 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
     if resume and run_dir is None:
         log.warning("nothing to resume: no run of %r under %s/; starting a new run", recipe.name, artifacts)
     if run_dir is None:
-        run_dir = new_run_dir(artifacts, recipe.name)
+        run_dir = _failed_before_any_epoch(artifacts, recipe.name) or new_run_dir(artifacts, recipe.name)
         _claim(run_dir, recipe, mode)
         return run_dir, None
     summary = read_summary(run_dir)  # a run whose process died is settled as interrupted here
@@ -588,6 +588,18 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
              else f"the end of epoch {last['epoch']}")
     log.warning("resuming %s from %s (saved %s)", run_dir, where, last.get("saved", "?"))
     return run_dir, last
+
+
+def _failed_before_any_epoch(artifacts: Path, name: str) -> Path | None:
+    """The newest run of `name` when it failed before finishing an epoch (it holds only its summary and
+    recipe): the next attempt takes its folder, so retrying a setup problem leaves no pile of failed runs."""
+    newest = latest_run_dir(artifacts, name)
+    if newest is None or read_summary(newest).get("status") != "failed":
+        return None
+    if any((newest / f).exists() for f in ("last.pt", "best.pt")) or MetricsLog(newest / "metrics.jsonl").read():
+        return None
+    log.info("reusing %s: its last attempt failed before finishing an epoch", newest)
+    return newest
 
 
 def _claim(run_dir: Path, recipe: Recipe, mode: str, summary: dict | None = None) -> None:
