@@ -178,7 +178,8 @@ def read_summary(run_dir: Path) -> dict:
 
 
 # What every reader of a summary relies on; a field of another type means the file is not edgekd's.
-_SUMMARY_FIELDS = {"status": str, "mode": str, "run": str, "updated": str, "process": dict}
+_SUMMARY_FIELDS = {"status": str, "mode": str, "run": str, "updated": str, "process": dict, "epochs_done": int,
+                   "best_val_acc": (int, float), "best_epoch": int}
 
 
 def summary_problem(summary) -> str | None:

@@ -340,7 +340,8 @@ def test_training_over_a_damaged_decode_cache_leaves_no_failed_run(tmp_path, tea
                                      '{"status": "running", "process": "pid 7"}',
                                      '{"status": "running", "process": {"pid": "x", "host": "%HOST%"}}',
                                      '{"status": "running", "process": {"pid": 99999999999999999999, "host": "%HOST%"}}',
-                                     '{"updated": 5, "mode": "distill"}', '\x00\x01'])
+                                     '{"updated": 5, "mode": "distill"}', '{"status": "finished", "best_val_acc": "x"}',
+                                     '\x00\x01'])
 def test_a_damaged_summary_of_the_right_json_but_wrong_shape_never_blocks_a_lookup(tmp_path, teacher_recipe,
                                                                                   content, caplog):
     import socket

@@ -642,8 +642,9 @@ def _check_resumable(recipe: Recipe, run_dir: Path | None) -> None:
         stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):  # its last.pt holds the recipe too, checked later
         return
+    done = read_summary(run_dir).get("epochs_done")
     if isinstance(stored, dict):
-        _refuse_recipe_changes(stored, recipe, run_dir, int(read_summary(run_dir).get("epochs_done") or 0))
+        _refuse_recipe_changes(stored, recipe, run_dir, done if isinstance(done, int) else 0)
 
 
 def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
