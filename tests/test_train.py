@@ -469,3 +469,36 @@ def test_retrying_a_run_that_failed_before_any_epoch_takes_its_folder(tmp_path, 
     assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher"
     # a run with finished epochs is never taken over by the next one
     assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher-2"
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+import edgekd.train.trainer as trainer
+real = trainer.ce_loss
+def loss(*args, **kwargs):  # only this rank's share diverges
+    value = real(*args, **kwargs)
+    return value * float("nan") if os.environ["RANK"] == "1" else value
+trainer.ce_loss = loss
+from edgekd.cli import main
+sys.argv = ["edgekd", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_a_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path, teacher_recipe):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "nan_rank.py"
+    script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "EDGEKD_ARTIFACTS": str(tmp_path / "ddp"), "EDGEKD_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               "-q", "train", str(teacher_recipe)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "training diverged: the training loss is nan at epoch 1, batch 1 of 4" in done.stderr
+    assert "the training loss is not finite on another process at epoch 1, batch 1 of 4" in done.stderr
+    assert json.loads((tmp_path / "ddp" / "tiny_teacher" / "summary.json").read_text())["status"] == "failed"

@@ -417,7 +417,8 @@ class Trainer:
             bad = self.dist.sum(float(bad))[0] > 0
         if bad:
             where = f"epoch {epoch}, batch {index + 1} of {self.batches_per_epoch}" if index >= 0 else f"epoch {epoch}"
-            raise EdgekdError(f"training diverged: the {what} is {loss} at {where}",
+            value = f"is {loss}" if not math.isfinite(loss) else "is not finite on another process"
+            raise EdgekdError(f"training diverged: the {what} {value} at {where}",
                               hint=f"lower train.lr (now {self.recipe.train.lr:g}), set train.grad_clip, or train "
                                    "in fp32; the run is marked failed and keeps the checkpoints from before")
 
