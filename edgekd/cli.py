@@ -219,7 +219,12 @@ def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json, int8_
 
     path = resolve_checkpoint(checkpoint) if checkpoint else _newest_run(artifacts) / "best.pt"
     result = evaluate_checkpoint(path, split, data_root, batch_size, int8_head=int8_head)
-    atomic_write_json(path.parent / f"eval_{split}.json", {"checkpoint": str(path), **result.to_dict()})
+    written = path.parent / f"eval_{split}.json"
+    try:
+        atomic_write_json(written, {"checkpoint": str(path), **result.to_dict()})
+    except OSError as exc:  # a read-only run folder: the answer is still worth printing
+        click.secho(f"warning: could not write {written}: {exc.strerror or exc}", fg="yellow", err=True)
+        written = None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -227,7 +232,8 @@ def evaluate(checkpoint, split, data_root, batch_size, artifacts, as_json, int8_
     click.echo(f"{path}: {split} accuracy {result.accuracy:.2%} on {result.images} images "
                f"(loss {result.loss:.4f}; {weights})\n")
     click.echo(confusion_table(result))
-    click.echo(f"\nwritten   {path.parent / f'eval_{split}.json'}")
+    if written:
+        click.echo(f"\nwritten   {written}")
 
 
 def _newest_run(artifacts, mode: str | None = None) -> Path:

@@ -399,6 +399,8 @@ def section_from_mapping(cls, raw: Any, where: str):
 def _model_from_mapping(cls, raw: Any, where: str) -> ModelConfig:
     from edgekd.models import builder_params, model_names
 
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a mapping of keys, got {raw!r}")
     raw = dict(raw or {})
     own = {k: raw.pop(k) for k in ("name", "pretrained", "freeze") if k in raw}
     config = section_from_mapping(cls, own, where)

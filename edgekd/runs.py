@@ -178,7 +178,8 @@ def read_summary(run_dir: Path) -> dict:
 
 
 # What every reader of a summary relies on; a field of another type means the file is not edgekd's.
-_SUMMARY_FIELDS = {"status": str, "mode": str, "run": str, "updated": str, "process": dict}
+_SUMMARY_FIELDS = {"status": str, "mode": str, "run": str, "updated": str, "process": dict, "epochs_done": int,
+                   "best_val_acc": (int, float), "best_epoch": int}
 
 
 def summary_problem(summary) -> str | None:
@@ -310,7 +311,7 @@ class MetricsLog:
                 record = json.loads(line)
             except ValueError:
                 break  # a line torn by a crash: it and anything after it never finished
-            if not isinstance(record, dict) or not isinstance(record.get("epoch", 0), int):
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
                 break  # not a line edgekd wrote: the log is trusted no further
             records.append(record)
         return records

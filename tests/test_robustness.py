@@ -340,7 +340,8 @@ def test_training_over_a_damaged_decode_cache_leaves_no_failed_run(tmp_path, tea
                                      '{"status": "running", "process": "pid 7"}',
                                      '{"status": "running", "process": {"pid": "x", "host": "%HOST%"}}',
                                      '{"status": "running", "process": {"pid": 99999999999999999999, "host": "%HOST%"}}',
-                                     '{"updated": 5, "mode": "distill"}', '\x00\x01'])
+                                     '{"updated": 5, "mode": "distill"}', '{"status": "finished", "best_val_acc": "x"}',
+                                     '\x00\x01'])
 def test_a_damaged_summary_of_the_right_json_but_wrong_shape_never_blocks_a_lookup(tmp_path, teacher_recipe,
                                                                                   content, caplog):
     import socket
@@ -426,3 +427,91 @@ def test_a_resume_with_no_best_checkpoint_does_not_claim_one(tmp_path, teacher_r
     result = CliRunner().invoke(cli, ["train", str(teacher_recipe), "--resume"])
     assert result.exit_code == 0, result.output
     assert "saved     " not in result.output and "no best.pt in" in result.output
+
+
+def test_a_cache_that_cannot_be_written_or_would_not_fit_is_refused_before_decoding(tmp_path, image_dataset,
+                                                                                   monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DataError, match="cannot write the decode cache under .*a-file"):
+        open_dataset(DataConfig(root=str(image_dataset), image_size=16, cache_dir=str(tmp_path / "a-file" / "c")))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    with pytest.raises(DataError, match=r"needs 0\.0 GB; .* has 0\.0 GB free") as err:
+        open_dataset(DataConfig(root=str(image_dataset), image_size=16))
+    assert "data.cache_dir" in err.value.hint
+    assert not list((tmp_path / "cache").glob("*px-*"))
+
+
+def test_a_fifo_in_the_decode_cache_is_never_opened(tmp_path, image_dataset):
+    config = DataConfig(root=str(image_dataset), image_size=16)
+    open_dataset(config)
+    images = _decode_entry(tmp_path) / "images.npy"
+    images.unlink()
+    os.mkfifo(images)
+    assert len(open_dataset(config).splits["train"].images) == 48  # decoded again; no hang on the pipe
+
+
+def test_a_run_whose_last_checkpoint_is_gone_is_never_started_over(tmp_path, teacher_recipe):
+    run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts")
+    run_dir = tmp_path / "artifacts" / "tiny_teacher"
+    (run_dir / "last.pt").unlink()
+    best = (run_dir / "best.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="has finished epochs but no last.pt"):
+        run(load_recipe(teacher_recipe), "train", tmp_path / "artifacts", resume=True)
+    assert (run_dir / "best.pt").read_bytes() == best and len(MetricsLog(run_dir / "metrics.jsonl").read()) == 2
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("change, message", [
+    (["--set", "data.root=[unclosed"], "not valid YAML"),
+    (["--set", "train.seed=" + str(2 ** 64 + 1)], "train.seed: 18446744073709551617 must be in [0, 4294967295]"),
+    (["--set", "train.lr=1e30"], "train.lr: 1e+30 is more than the largest sane value"),
+    (["--set", "train.lr=.inf"], "train.lr: inf is not a finite number"),
+    (["--set", "data.image_size=100000"], "data.image_size: 100000 is more than the largest sane value"),
+    ("binary", "not a text file"),
+    ("duplicate", "duplicate key 'train' (first on line"),
+])
+def test_the_issues_bad_recipes_exit_2_with_one_message_and_no_work(tmp_path, student_recipe, command, change,
+                                                                   message):
+    recipe, args = student_recipe, list(change) if isinstance(change, list) else []
+    if change == "binary":
+        recipe = tmp_path / "binary.yaml"
+        recipe.write_bytes(bytes(range(256)))
+    elif change == "duplicate":
+        recipe = tmp_path / "dup.yaml"
+        recipe.write_text(student_recipe.read_text() + "train:\n  epochs: 3\n  epochs: 4\n")
+    result = CliRunner().invoke(cli, [command, str(recipe), *args])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output.startswith("Error: ") and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_a_run_still_being_trained_is_known_as_such(tmp_path):
+    from edgekd.runs import process_identity, still_running
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    assert still_running(run_dir) is None  # no summary at all
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running", "process": process_identity()}))
+    assert still_running(run_dir)["pid"] == os.getpid()
+    dead = {**process_identity(), "start_ticks": -1}  # this pid, but another process's start time
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running", "process": dead}))
+    assert still_running(run_dir) is None
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_evaluate_in_a_read_only_run_folder_still_answers(tmp_path, teacher_recipe, monkeypatch):
+    import edgekd.runs
+
+    run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", tmp_path / "artifacts")
+
+    def read_only(path, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(edgekd.runs, "atomic_write_json", read_only)
+    result = CliRunner().invoke(cli, ["evaluate", "--split", "val"])
+    assert result.exit_code == 0 and "val accuracy" in result.output
+    assert "warning: could not write" in result.output and "written" not in result.output

@@ -122,3 +122,17 @@ def test_a_distillation_over_a_damaged_logit_cache_runs_and_leaves_no_failed_run
     statuses = [json.loads((d / "summary.json").read_text())["status"]
                 for d in (tmp_path / "artifacts").iterdir() if d.name.startswith("tiny_student")]
     assert statuses == ["finished", "finished"]
+
+
+def test_teacher_logits_beyond_fp16_are_refused_not_cached(teacher, teacher_recipe):
+    from edgekd.errors import CheckpointError
+
+    class Loud(torch.nn.Module):
+        def forward(self, pixels):
+            return torch.full((len(pixels), 3), 1e6)
+
+    entry = open_dataset(load_recipe(teacher_recipe).data).entries["train"]
+    with pytest.raises(CheckpointError, match="overflow .* on 48 training images") as err:
+        cached_teacher_logits(Loud(), "loud", 3, entry, torch.device("cpu"))
+    assert "cache_teacher_logits: false" in err.value.hint
+    assert not list((entry.path.parent / "teacher-logits").glob("*.npy"))

@@ -447,3 +447,58 @@ def test_nproc_that_does_not_divide_the_batch_is_refused_before_torchrun(tmp_pat
     result = CliRunner().invoke(cli, ["train", str(teacher_recipe), "--nproc", "5"])
     assert result.exit_code == 2 and "train.batch_size 12 does not split evenly over 5 processes" in result.output
     assert "--set train.batch_size=10" in result.output
+
+
+def test_retrying_a_run_that_failed_before_any_epoch_takes_its_folder(tmp_path, teacher_recipe, monkeypatch):
+    import edgekd.train.trainer as trainer_module
+    from edgekd.errors import DataError
+
+    real = trainer_module._render_split
+
+    def broken(recipe, dataset):
+        raise DataError("the photos moved")
+
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setattr(trainer_module, "_render_split", broken)
+    for _ in range(2):
+        with pytest.raises(DataError):
+            run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
+    assert [p.name for p in artifacts.iterdir()] == ["tiny_teacher"]
+    assert json.loads((artifacts / "tiny_teacher" / "summary.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(trainer_module, "_render_split", real)
+    assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher"
+    # a run with finished epochs is never taken over by the next one
+    assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher-2"
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+import edgekd.train.trainer as trainer
+real = trainer.ce_loss
+def loss(*args, **kwargs):  # only this rank's share diverges
+    value = real(*args, **kwargs)
+    return value * float("nan") if os.environ["RANK"] == "1" else value
+trainer.ce_loss = loss
+from edgekd.cli import main
+sys.argv = ["edgekd", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_a_nan_on_one_rank_stops_every_rank_without_a_hang(tmp_path, teacher_recipe):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "nan_rank.py"
+    script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "EDGEKD_ARTIFACTS": str(tmp_path / "ddp"), "EDGEKD_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               "-q", "train", str(teacher_recipe)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "training diverged: the training loss is nan at epoch 1, batch 1 of 4" in done.stderr
+    assert "the training loss is not finite on another process at epoch 1, batch 1 of 4" in done.stderr
+    assert json.loads((tmp_path / "ddp" / "tiny_teacher" / "summary.json").read_text())["status"] == "failed"

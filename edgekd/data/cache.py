@@ -51,7 +51,7 @@ def cache_key(source: SplitSource, image_size: int) -> str:
 def cached_split(source: SplitSource, image_size: int, cache_root: Path, workers: int = 0) -> CachedSplit:
     """The decoded split, from the cache when present, otherwise decoded now and cached."""
     folder = cache_root / f"{source.name}-{image_size}px-{cache_key(source, image_size)}"
-    if (folder / "index.json").is_file():
+    if os.path.lexists(folder / "index.json"):
         try:
             return _open(folder, source.name, image_size)
         except DamagedCache as damage:  # never read: set aside and decoded again
@@ -87,6 +87,9 @@ def _open(folder: Path, name: str, image_size: int) -> CachedSplit:
     """The entry's arrays, each checked against index.json; DamagedCache when any does not fit."""
     index = _read_index(folder / "index.json", image_size)
     rows = len(index["ids"])
+    for file in ("images.npy", *(["labels.npy"] if index["labeled"] else [])):
+        if not (folder / file).is_file():  # missing, or a FIFO or folder under the name: never opened
+            raise DamagedCache(f"{file} is not a file")
     try:
         images = np.load(folder / "images.npy", mmap_mode="r")
         labels = np.load(folder / "labels.npy") if index["labeled"] else None
@@ -106,6 +109,8 @@ def _open(folder: Path, name: str, image_size: int) -> CachedSplit:
 
 
 def _read_index(path: Path, image_size: int) -> dict:
+    if not path.is_file():
+        raise DamagedCache("index.json is not a file")
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

@@ -60,11 +60,44 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an edgekd checkpoint (no '{FORMAT}' format marker)",
                               hint="edgekd reads the best.pt / last.pt files written by `edgekd train|distill`")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer edgekd ({payload.get('edgekd_version')})",
                               hint="upgrade edgekd")
+    problem = payload_problem(payload)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}",
+                              hint="use a best.pt / last.pt as `edgekd train|distill` wrote it")
     payload["path"] = str(path)
     return payload
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def payload_problem(payload: dict) -> str | None:
+    """Why a checkpoint's self-description cannot be used (fields of the wrong type); None when it can."""
+    model = payload.get("model")
+    if not _is_int(payload.get("format_version")):
+        return f"format_version is {payload.get('format_version')!r}"
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(model.get("args"), dict):
+        return f"model is {model!r}, not {{name, args}}"
+    names = payload.get("class_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        return "class_names is not a list of two or more names"
+    if not _is_int(payload.get("image_size")) or not 8 <= payload["image_size"] <= 4096:
+        return f"image_size is {payload.get('image_size')!r}"
+    for key in ("mean", "std"):
+        values = payload.get(key)
+        if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) and
+                                                                  not isinstance(v, bool) for v in values):
+            return f"{key} is {values!r}"
+    if not isinstance(payload.get("state_dict"), dict):
+        return "state_dict is not a mapping of tensors"
+    if "recipe" in payload and not isinstance(payload["recipe"], dict):
+        return f"recipe is {payload['recipe']!r}"
+    return None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:

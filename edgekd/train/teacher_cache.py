@@ -31,7 +31,9 @@ def _compute(teacher: torch.nn.Module, images: np.ndarray, out: np.ndarray, devi
     teacher.eval()
     for start in range(0, len(images), batch_size):
         pixels = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        out[start:start + batch_size] = teacher(pixels.to(device)).float().cpu().numpy().astype(np.float16)
+        logits = teacher(pixels.to(device)).float().cpu().numpy()
+        with np.errstate(over="ignore"):  # beyond fp16 becomes inf, which the caller refuses
+            out[start:start + batch_size] = logits.astype(np.float16)
 
 
 def cached_teacher_logits(teacher: torch.nn.Module, teacher_sha256: str, num_classes: int, entry: CachedSplit,

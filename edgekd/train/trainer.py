@@ -170,6 +170,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _mean(values: list) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -412,7 +417,8 @@ class Trainer:
             bad = self.dist.sum(float(bad))[0] > 0
         if bad:
             where = f"epoch {epoch}, batch {index + 1} of {self.batches_per_epoch}" if index >= 0 else f"epoch {epoch}"
-            raise EdgekdError(f"training diverged: the {what} is {loss} at {where}",
+            value = f"is {loss}" if not math.isfinite(loss) else "is not finite on another process"
+            raise EdgekdError(f"training diverged: the {what} {value} at {where}",
                               hint=f"lower train.lr (now {self.recipe.train.lr:g}), set train.grad_clip, or train "
                                    "in fp32; the run is marked failed and keeps the checkpoints from before")
 
@@ -449,7 +455,7 @@ class Trainer:
         finished epochs, and a mid-epoch last.pt says in train_state.epoch_progress how far the next one got."""
         payload = {**self.meta, "state_dict": self.eval_model.state_dict(), "recipe": self.recipe.to_dict(),
                    "mode": self.mode, "role": "student" if self.mode == "distill" else "teacher",
-                   "epoch": self.epoch, "val_acc": self.history[-1]["val_acc"] if self.history else None,
+                   "epoch": self.epoch, "val_acc": self.history[-1].get("val_acc") if self.history else None,
                    "precision": self.precision,
                    "run": self.run_dir.name, "teacher": self._teacher_info(), "saved": _now()}
         if self.policy.fake_quant == "fp8":
@@ -504,8 +510,7 @@ class Trainer:
             "teacher_views_fill": self.views.fill if self.views is not None else None,
             "epochs_done": self.epoch, "epochs_planned": self.recipe.train.epochs,
             "best_epoch": self.stopper.best_epoch, "best_val_acc": self.stopper.best_acc if self.epoch else None,
-            "seconds_per_epoch": (sum(r["seconds"] for r in self.history) / len(self.history)
-                                  if self.history else None),
+            "seconds_per_epoch": _mean([r.get("seconds") for r in self.history]),
             "distributed": {**self.dist.describe(), "ranks_identical": getattr(self, "ranks_identical", None)},
             "last_saved": self.saved, "checkpointing": self.checkpointing, "process": process_identity(), "started": self.started, "updated": _now()}
         if self.dist.main:
@@ -549,7 +554,7 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
     if resume and run_dir is None:
         log.warning("nothing to resume: no run of %r under %s/; starting a new run", recipe.name, artifacts)
     if run_dir is None:
-        run_dir = new_run_dir(artifacts, recipe.name)
+        run_dir = _failed_before_any_epoch(artifacts, recipe.name) or new_run_dir(artifacts, recipe.name)
         _claim(run_dir, recipe, mode)
         return run_dir, None
     summary = read_summary(run_dir)  # a run whose process died is settled as interrupted here
@@ -560,6 +565,11 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
     for stale in remove_stale_temporaries(run_dir):  # a SIGKILL during a save leaves its temporary behind
         log.info("removed %s, left by a save the last process did not finish", stale.name)
     if not (run_dir / "last.pt").is_file():
+        if (run_dir / "best.pt").exists() or MetricsLog(run_dir / "metrics.jsonl").read():
+            # epochs finished, yet the state to continue them is gone (deleted to save room?): never
+            # start over on top of what they left
+            raise CheckpointError(f"{run_dir} has finished epochs but no last.pt to continue them from",
+                                  hint="start a new run without --resume; this folder is kept as it is")
         log.warning("%s was stopped before its first save: restarting it from the beginning in the same folder",
                     run_dir)
         for leftover in ("metrics.jsonl", "best.pt"):
@@ -579,6 +589,18 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
              else f"the end of epoch {last['epoch']}")
     log.warning("resuming %s from %s (saved %s)", run_dir, where, last.get("saved", "?"))
     return run_dir, last
+
+
+def _failed_before_any_epoch(artifacts: Path, name: str) -> Path | None:
+    """The newest run of `name` when it failed before finishing an epoch (it holds only its summary and
+    recipe): the next attempt takes its folder, so retrying a setup problem leaves no pile of failed runs."""
+    newest = latest_run_dir(artifacts, name)
+    if newest is None or read_summary(newest).get("status") != "failed":
+        return None
+    if any((newest / f).exists() for f in ("last.pt", "best.pt")) or MetricsLog(newest / "metrics.jsonl").read():
+        return None
+    log.info("reusing %s: its last attempt failed before finishing an epoch", newest)
+    return newest
 
 
 def _claim(run_dir: Path, recipe: Recipe, mode: str, summary: dict | None = None) -> None:
@@ -621,8 +643,9 @@ def _check_resumable(recipe: Recipe, run_dir: Path | None) -> None:
         stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError):  # its last.pt holds the recipe too, checked later
         return
+    done = read_summary(run_dir).get("epochs_done")
     if isinstance(stored, dict):
-        _refuse_recipe_changes(stored, recipe, run_dir, int(read_summary(run_dir).get("epochs_done") or 0))
+        _refuse_recipe_changes(stored, recipe, run_dir, done if isinstance(done, int) else 0)
 
 
 def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
