@@ -585,7 +585,7 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
     # Remembered until the loop begins: a resume that fails before it leaves a finished run finished.
     _claim(run_dir, recipe, mode, {**summary, "resumed_from": {k: summary.get(k) for k in ("status", "error")}})
     progress = last["train_state"].get("epoch_progress")
-    where = (f"epoch {progress['epoch']}, batch {progress['next_batch']}" if progress
+    where = (f"epoch {progress.get('epoch')}, batch {progress.get('next_batch')}" if isinstance(progress, dict)
              else f"the end of epoch {last['epoch']}")
     log.warning("resuming %s from %s (saved %s)", run_dir, where, last.get("saved", "?"))
     return run_dir, last
