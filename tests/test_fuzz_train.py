@@ -169,11 +169,15 @@ def test_a_damaged_run_folder_never_crashes_a_command(trained, mutation, command
                 "--set", f"data.root={folder / 'absent'}", "--artifacts", str(artifacts)])
 
 
+TRAIN_STATE = st.dictionaries(st.sampled_from(["optimizer", "scheduler", "torch_rng", "early_stopping",
+                                               "epoch_progress", "raw_state_dict", "started"]),
+                              st.one_of(SCALARS, st.dictionaries(st.sampled_from(["epoch", "next_batch", "x"]),
+                                                                 SCALARS, max_size=2)), max_size=3)
 PAYLOAD_FIELDS = st.dictionaries(
     st.sampled_from(["model", "class_names", "image_size", "mean", "std", "state_dict", "recipe", "epoch",
-                     "format_version"]),
-    st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.sampled_from(["name", "args", "data"]),
-                                                                       SCALARS, max_size=2)),
+                     "format_version", "train_state"]),
+    st.one_of(SCALARS, st.lists(SCALARS, max_size=3), TRAIN_STATE,
+              st.dictionaries(st.sampled_from(["name", "args", "data"]), SCALARS, max_size=2)),
     max_size=4)
 
 
@@ -188,3 +192,9 @@ def test_an_edgekd_checkpoint_with_fields_of_any_shape_is_a_clear_error(trained,
     invoke(["evaluate", str(path), "--split", "val"])
     invoke(["distill", str(trained["student"]), "--set", f"teacher.checkpoint={path}",
             "--set", f"data.root={folder / 'absent'}", "--artifacts", str(folder / "artifacts")])
+    run_dir = folder / "artifacts" / "fz_teacher"  # the same fields in the last.pt a resume continues from
+    shutil.copytree(trained["run"], run_dir)
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    last.update(changes)
+    torch.save(last, run_dir / "last.pt")
+    invoke(["train", str(trained["teacher"]), "--resume", "--artifacts", str(folder / "artifacts")])

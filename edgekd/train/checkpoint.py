@@ -110,12 +110,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Cl
         model = build_model(payload)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise CheckpointError(f"{payload['path']}: its stored model does not fit its weights "
-                              f"({exc.__class__.__name__}: {detail})",
+        raise CheckpointError(f"{payload['path']}: its stored model does not fit its weights ({first_reason(exc)})",
                               hint="the file was changed after edgekd wrote it, or comes from another tool; "
                                    "use the run's own best.pt") from None
     return model.to(device).eval(), payload
+
+
+def first_reason(exc: BaseException) -> str:
+    """The line of an exception that says what is wrong: load_state_dict's first line only introduces the
+    list of mismatched keys, so the first of those is taken."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    line = lines[0] if lines else ""
+    return f"{exc.__class__.__name__}: {line if len(line) <= 160 else line[:157] + '...'}"
 
 
 def nonfinite_weights(state_dict: dict) -> list[str]:

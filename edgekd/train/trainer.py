@@ -35,7 +35,7 @@ from edgekd.runs import (MetricsLog, atomic_write_json, atomic_write_text, check
 from edgekd.train import distributed
 from edgekd.train.augment import batch_generator, draw_views, render_views, resize_for
 from edgekd.train.batches import Batch, batch_count, iter_batches
-from edgekd.train.checkpoint import describe_model, read_checkpoint, save_checkpoint
+from edgekd.train.checkpoint import describe_model, first_reason, read_checkpoint, save_checkpoint
 from edgekd.train.ema import WeightAverage
 from edgekd.train.losses import ce_loss, distill_loss
 from edgekd.train.precision import (PrecisionPolicy, amax_histories, bitsandbytes_module, fp8_scales,
@@ -585,7 +585,7 @@ def _run_dir_for(recipe: Recipe, mode: str, artifacts: Path, resume: bool) -> tu
     # Remembered until the loop begins: a resume that fails before it leaves a finished run finished.
     _claim(run_dir, recipe, mode, {**summary, "resumed_from": {k: summary.get(k) for k in ("status", "error")}})
     progress = last["train_state"].get("epoch_progress")
-    where = (f"epoch {progress['epoch']}, batch {progress['next_batch']}" if progress
+    where = (f"epoch {progress.get('epoch')}, batch {progress.get('next_batch')}" if isinstance(progress, dict)
              else f"the end of epoch {last['epoch']}")
     log.warning("resuming %s from %s (saved %s)", run_dir, where, last.get("saved", "?"))
     return run_dir, last
@@ -727,9 +727,7 @@ def _restore(trainer: Trainer, last: dict, run_dir: Path) -> None:
         trainer.build(tuple(last["mean"]), tuple(last["std"]), pretrained=False)
         trainer.restore(last)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise CheckpointError(f"{run_dir / 'last.pt'} does not fit this run's model "
-                              f"({exc.__class__.__name__}: {detail})",
+        raise CheckpointError(f"{run_dir / 'last.pt'} does not fit this run's model ({first_reason(exc)})",
                               hint="start a new run without --resume (the folder is kept as it is)") from None
 
 
