@@ -141,6 +141,8 @@ def _read_run(run_dir: Path, out: Collection) -> RunRecord | None:
     if problem:
         return _left_out(out, f"{run_dir.name}: summary.json {problem}")
     metrics = MetricsLog(run_dir / "metrics.jsonl").read()
+    if not metrics and (problem := _first_record_problem(run_dir / "metrics.jsonl")):
+        return _left_out(out, f"{run_dir.name}: metrics.jsonl damaged ({problem})")
     if not metrics:
         return _left_out(out, f"{run_dir.name}: {summary.get('status', '?')}, no finished epoch", warn=False)
     problem = next((p for m in metrics if (p := _shape_problem(m, METRICS_SHAPE, required=METRICS_REQUIRED))), None)
@@ -179,6 +181,19 @@ def _validation(run_dir: Path, out: Collection) -> dict | None:
         _left_out(out, f"{run_dir.name}: validation.json {problem}; its ONNX columns are left out")
         return None
     return data
+
+
+def _first_record_problem(path: Path) -> str | None:
+    """Why the log's first line is no epoch record (MetricsLog.read stops there without saying); None for no
+    line at all or a line torn by a crash, which mean only that no epoch finished."""
+    try:
+        first = next((line for line in path.read_text(errors="replace").splitlines() if line.strip()), None)
+        record = None if first is None else json.loads(first)
+    except (OSError, ValueError):
+        return None
+    if first is None:
+        return None
+    return _shape_problem(record, METRICS_SHAPE, required=METRICS_REQUIRED) or "not an epoch record"
 
 
 def _left_out(out: Collection, line: str, warn: bool = True) -> None:
