@@ -16,6 +16,19 @@ from edgekd import __version__
 from edgekd.errors import EdgekdError
 
 
+# Commands that need the training extra (torch and friends); a device install has only `classify`.
+TRAINING_COMMANDS = frozenset({"init", "train", "distill", "evaluate", "summary", "export", "validate", "sweep",
+                               "report"})
+TRAINING_MODULES = frozenset({"torch", "torchvision", "timm", "onnx", "onnxscript", "matplotlib"})
+TRAIN_EXTRA_HINT = "pip install 'edgekd[train]'"
+
+
+def _has_training_extra() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None  # finds, does not import
+
+
 class _Group(click.Group):
     """Turns the errors users can fix into one clear message and an exit code, not a traceback."""
 
@@ -27,6 +40,35 @@ class _Group(click.Group):
             if exc.hint:
                 click.echo(f"  hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in TRAINING_MODULES:
+                raise
+            click.secho(f"Error: {ctx.invoked_subcommand or 'this command'} needs {exc.name}, part of the training "
+                        f"extra: {TRAIN_EXTRA_HINT}", fg="red", err=True)
+            ctx.exit(1)
+
+    def resolve_command(self, ctx: click.Context, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        wants_help = any(a in ("--help", "-h") for a in rest)
+        if name in TRAINING_COMMANDS and not wants_help and not _has_training_extra():
+            raise EdgekdError(f"edgekd {name} needs PyTorch, which this install lacks (a device install only "
+                              f"classifies): {TRAIN_EXTRA_HINT}")
+        return name, command, rest
+
+    def format_commands(self, ctx: click.Context, formatter) -> None:
+        if _has_training_extra():
+            return super().format_commands(ctx, formatter)
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            text = command.get_short_help_str(limit=formatter.width - 40)
+            rows.append((name, f"[train extra] {text}" if name in TRAINING_COMMANDS else text))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+        formatter.write_paragraph()
+        formatter.write_text(f"This install has no PyTorch: commands marked [train extra] need {TRAIN_EXTRA_HINT}.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
