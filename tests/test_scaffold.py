@@ -134,3 +134,32 @@ def test_init_sizes_a_big_dataset_down_to_the_budget(tmp_path, untimed, monkeypa
     assert student["model"]["blocks"] == 4 and student["distill"]["teacher_views"] == 2
     assert student["distill"]["teacher_forward"] == "auto" and student["train"]["workers"] >= 1
     assert "epochs cut" in (tmp_path / "recipes" / "big_student.yaml").read_text()
+
+
+def test_init_reads_kaggle_intel_and_nguyen_layouts(tmp_path, untimed):
+    from conftest import make_image_folder
+
+    rng = np.random.default_rng(0)
+    intel = tmp_path / "intel"
+    make_image_folder(intel / "seg_train" / "seg_train", per_class=4)
+    make_image_folder(intel / "seg_test" / "seg_test", per_class=1)
+    for i in range(3):
+        write_image(intel / "seg_pred" / "seg_pred" / f"{i}.jpg", (0, 0, 0), rng)
+    result = CliRunner().invoke(cli, ["init", str(intel), "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "seg_pred/seg_pred (3 photos without classes" in result.output
+    assert "  edgekd validate --providers cpu" in result.output  # a labelled test split: validate measures it
+    student = yaml.safe_load((tmp_path / "recipes" / "intel_student.yaml").read_text())
+    assert student["data"]["train_dir"] == "seg_train/seg_train" and student["data"]["test_dir"] == "seg_test/seg_test"
+
+    nguyen = tmp_path / "nguyen"
+    make_image_folder(nguyen / "train", per_class=4)
+    make_image_folder(nguyen / "validation", per_class=1)
+    for i in range(2):
+        write_image(nguyen / "test" / f"{i}.jpg", (0, 0, 0), rng)
+    result = CliRunner().invoke(cli, ["init", str(nguyen), "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "test: test/ (2 unlabeled photos)" in result.output
+    assert "  edgekd validate --split val" in result.output  # its test photos have no labels to measure
+    student = yaml.safe_load((tmp_path / "recipes" / "nguyen_student.yaml").read_text())
+    assert student["data"]["unlabeled"] == str(nguyen / "test") and "test_dir" not in student["data"]
