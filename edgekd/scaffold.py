@@ -41,6 +41,8 @@ DEFAULT_BUDGET_MINUTES = 60.0
 # A timed step is the model alone; a training epoch also renders augmented views, validates and saves. On
 # the 2-core CPU where the Intel recipes were measured, whole epochs ran about 1.5x slower than bare steps.
 EPOCH_OVERHEAD = 1.5
+# Timing stops after this many seconds of timed steps per model (at least one after the warm-up).
+STEP_SECONDS = 2.0
 
 
 @dataclass
@@ -223,8 +225,8 @@ def _train_speed(model, size: int, batch: int, steps: int, device, autocast_dtyp
     model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = _pixels(batch, size, device), torch.randint(0, 2, (batch,), device=device)
-    times = []
-    for _ in range(steps + 1):  # the first step warms up (allocations, oneDNN kernels)
+    times: list[float] = []
+    while len(times) <= steps and sum(times[1:]) < STEP_SECONDS:  # step 0 warms up (allocations, kernels)
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -242,9 +244,9 @@ def _forward_speed(model, size: int, batch: int, steps: int, device) -> float:
 
     model.eval()
     x = _pixels(batch, size, device)
-    times = []
+    times: list[float] = []
     with torch.inference_mode():
-        for _ in range(steps + 1):
+        while len(times) <= steps and sum(times[1:]) < STEP_SECONDS:
             _sync(device)
             start = time.perf_counter()
             model(x)
