@@ -197,7 +197,7 @@ def test_the_cache_holds_exactly_what_the_runtime_decoder_returns(tmp_path):
 
 def test_split_folders_are_found_in_any_case_and_usual_spellings(tmp_path):
     for train, val, test in (("Train", "Validation", "Test"), ("training", "valid", "testing"),
-                             ("TRAIN", "VAL", "seg_test")):
+                             ("TRAIN", "VAL", "seg_test"), ("training_set", "validation set", "test_set")):
         root = tmp_path / train / "d"
         make_image_folder(root / train, per_class=3)
         make_image_folder(root / val, per_class=2, seed=1)
@@ -245,3 +245,12 @@ def test_a_layout_not_understood_names_what_it_saw_and_the_keys_that_fix_it(tmp_
     with pytest.raises(DataError, match=r"3 images directly in it") as err:
         open_dataset(config(loose))
     assert "data.train_dir" in err.value.hint
+
+
+def test_classes_with_the_same_subfolders_are_still_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, colour in {"cat": (200, 60, 60), "dog": (40, 180, 60)}.items():
+        for year in ("2022", "2023"):
+            write_image(tmp_path / "d" / name / year / "a.jpg", colour, rng)
+    dataset = open_dataset(config(tmp_path / "d"), splits=("train",))
+    assert dataset.class_names == ["cat", "dog"]

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,11 +87,17 @@ def _find_split_dir(root: Path, split: str, explicit: str | None) -> Path | None
             raise DataError(f"data.{split}_dir: {folder} is not a folder",
                             hint=f"{root} holds {describe_folder(root)}")
         return _unnest(folder)
-    by_name = {c.name.lower(): c for c in reversed(_subfolders(root))}  # Train/ before train/ if both
+    by_name = {_split_key(c.name): c for c in reversed(_subfolders(root))}  # Train/ before train/ if both
     for name in SPLIT_DIR_NAMES[split]:
         if name in by_name:
             return _unnest(by_name[name])
     return None
+
+
+def _split_key(folder_name: str) -> str:
+    """A folder's name as a split name: any case, and Kaggle's `training_set`/`test set` spelt as `training`."""
+    name = folder_name.lower()
+    return re.sub(r"[ _-]?set$", "", name) if name not in ("set", "_set") else name
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -138,12 +145,15 @@ LAYOUT_KEYS_HINT = ("name the split folders in the recipe, relative to data.root
                     "itself as <class>/<images>")
 
 
+SPLIT_WORDS = ("train", "val", "test", "hold", "fit", "eval", "dev", "split")
+
+
 def _looks_like_unnamed_splits(root: Path) -> bool:
-    """Top folders that each hold the same class folders (Training/ and Holdout/ both with cat/ and dog/)
-    are splits under names edgekd does not know, not classes: read as classes, they would train a model
-    to tell the splits apart."""
+    """Top folders named like splits that each hold the same class folders (Fit/ and Holdout/ both with cat/
+    and dog/) are splits under names edgekd does not know, not classes: read as classes, they would train a
+    model to tell the splits apart. (cat/2023/ and dog/2023/ are classes: their names are not split words.)"""
     tops = _subfolders(root)
-    if len(tops) < 2:
+    if len(tops) < 2 or not any(word in top.name.lower() for top in tops for word in SPLIT_WORDS):
         return False
     names = [frozenset(c.name for c in _subfolders(top)) for top in tops]
     return len(names[0]) >= 2 and all(n == names[0] for n in names) and \
