@@ -29,7 +29,7 @@ from edgekd.data.sources import (
     folder_class_names,
     images_under,
 )
-from edgekd.errors import DataError, EdgekdError
+from edgekd.errors import DataError, EdgekdError, RecipeError
 from edgekd.recipe import DataConfig, load_recipe
 from edgekd.runs import atomic_write_text
 
@@ -115,6 +115,8 @@ class InitResult:
 
 def survey_folder(data_dir: str | Path) -> Survey:
     root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{data_dir} is not a folder", hint="pass the folder that holds your photos' class folders")
     splits = find_split_dirs(DataConfig(root=str(root)))
     classes = folder_class_names(splits["train"])
     if len(classes) < 2:
@@ -460,6 +462,8 @@ def init_project(data_dir: str | Path, out: str | Path = "recipes", name: str | 
                  budget: float = DEFAULT_BUDGET_MINUTES, force: bool = False, quick: bool = False) -> InitResult:
     """Survey `data_dir`, time both models here, write the two recipes into `out`. `quick`: a smoke run of
     the whole pipeline (1 epoch at 32 px unless given, validate on onnxruntime's CPU provider only)."""
+    if name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name):
+        raise RecipeError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it names files and run folders)")
     survey = survey_folder(data_dir)
     out = Path(out)
     if quick:

@@ -163,3 +163,13 @@ def test_init_reads_kaggle_intel_and_nguyen_layouts(tmp_path, untimed):
     assert "  edgekd validate --split val" in result.output  # its test photos have no labels to measure
     student = yaml.safe_load((tmp_path / "recipes" / "nguyen_student.yaml").read_text())
     assert student["data"]["unlabeled"] == str(nguyen / "test") and "test_dir" not in student["data"]
+
+
+def test_init_refuses_a_missing_folder_and_a_bad_name_before_writing_anything(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["init", str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "is not a folder" in result.output
+    data = kaggle_style_tree(tmp_path / "pets", per_class=2, val_per_class=1, unlabeled=0)
+    result = runner.invoke(cli, ["init", str(data), "--name", "my pets"])
+    assert result.exit_code == 2 and "--name 'my pets'" in result.output
+    assert not (tmp_path / "recipes").exists()
