@@ -79,6 +79,7 @@ class Timing:
     student_parameters: dict[int, int]
     teacher_parameters: int
     seconds: float  # what the timing itself took
+    render: float = float("inf")  # augmented views rendered per second (crop, flip, colour, resize)
     load: float | None = None  # the 1-minute load average while timing (None where the OS has none)
     cores: int = 1
 
@@ -200,6 +201,7 @@ def time_models(survey: Survey, teacher_size: int, student_size: int, steps: int
         student_parameters={blocks: sum(p.numel() for p in m.parameters()) for blocks, m in students.items()},
         teacher_parameters=sum(p.numel() for p in teacher.parameters()),
         seconds=0.0)
+    result.render = _render_speed(teacher_size, student_size)
     result.seconds = time.perf_counter() - started
     result.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result.cores = os.cpu_count() or 1
@@ -257,6 +259,23 @@ def _forward_speed(model, size: int, batch: int, steps: int, device) -> float:
     return batch / max(statistics.median(times[1:]), 1e-9)
 
 
+def _render_speed(teacher_size: int, student_size: int, batch: int = 32) -> float:
+    """Augmented views per second, cut at the teacher's size and resized to the student's, as distill does."""
+    import torch
+
+    from edgekd.recipe import AugmentConfig
+    from edgekd.train.augment import batch_generator, draw_views, render_views
+
+    config = AugmentConfig(crop="resized", crop_scale=0.5, flip=True, color_jitter=0.2, render_size=teacher_size)
+    pixels = torch.randint(0, 256, (batch, 3, teacher_size, teacher_size), dtype=torch.uint8)
+    times = []
+    for i in range(3):
+        start = time.perf_counter()
+        render_views(pixels, draw_views(batch, teacher_size, config, batch_generator(0, 0, i)), config, student_size)
+        times.append(time.perf_counter() - start)
+    return batch / max(statistics.median(times), 1e-9)
+
+
 def _decode_speed(survey: Survey, size: int) -> float:
     from edgekd.runtime.preprocess import load_rgb
 
@@ -309,11 +328,12 @@ def estimate_minutes(survey: Survey, plan: Plan, timing: Timing) -> dict[str, fl
     unlabeled = survey.unlabeled_count
     val = survey.split_total("val") or round(0.1 * n)
     decode = (n + val + survey.split_total("test")) / timing.decode
-    teacher = plan.teacher_epochs * (EPOCH_OVERHEAD * n / timing.teacher_train + val / timing.teacher_forward)
+    teacher = plan.teacher_epochs * (EPOCH_OVERHEAD * n / timing.teacher_train + n / timing.render
+                                     + val / timing.teacher_forward)
     fill = (n + unlabeled) * plan.teacher_views / timing.teacher_forward
     student_step = timing.student_train[plan.student_blocks]
-    distill = plan.student_epochs * (EPOCH_OVERHEAD * (n + unlabeled) / student_step + val / (4 * student_step)) \
-        + decode
+    distill = plan.student_epochs * ((n + unlabeled) * (EPOCH_OVERHEAD / student_step + 1 / timing.render)
+                                     + val / (4 * student_step)) + decode
     # Export (four files, the int8/fp8 gate on val) and validate (each file on each runtime, two batch sizes
     # timed 2 s each, in fresh processes) are roughly fixed costs on small models; not timed here.
     rows = 12
