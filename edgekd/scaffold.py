@@ -407,7 +407,17 @@ def teacher_recipe(survey: Survey, plan: Plan) -> dict:
     }
 
 
+def gate_for(survey: Survey) -> dict:
+    """The export gate, no finer than one validation photo: with 120 val photos one photo is 0.83 points, and
+    a gate of 0.5 would fail a file for the first borderline photo it flips."""
+    val = survey.split_total("val") or max(1, round(0.1 * survey.train_count))
+    one_photo = math.ceil(10_000 / val) / 100  # points, rounded up to 0.01
+    defaults = {"max_drop_fp32": 0.1, "max_drop_fp16": 0.1, "max_drop_int8": 0.5, "max_drop_fp8": 0.5}
+    return {key: max(limit, one_photo) for key, limit in defaults.items() if one_photo > limit}
+
+
 def student_recipe(survey: Survey, plan: Plan) -> dict:
+    gate = gate_for(survey)
     return {
         "name": f"{plan.name}_student",
         "data": _data_section(survey, plan.student_size, plan, unlabeled=True),
@@ -421,6 +431,7 @@ def student_recipe(survey: Survey, plan: Plan) -> dict:
                     "render_size": plan.teacher_size},
         "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.9, "teacher_views": plan.teacher_views,
                     "teacher_forward": plan.teacher_forward},
+        **({"export": gate} if gate else {}),
         "precision": plan.precision,
     }
 
@@ -436,6 +447,9 @@ def _header(survey: Survey, plan: Plan, role: str) -> str:
              + (f", {survey.unlabeled_count} unlabeled photos (data.unlabeled: only distillation learns "
                 f"from them)" if survey.unlabeled and role == "student" else "") + ".",
              "Sized for the machine it ran on:", *[f"- {r}" for r in plan.reasons],
+             *([f"- the export gate allows one validation photo ({max(gate_for(survey).values()):.2f} points): a "
+                f"finer gate than the split can measure fails files at random"] if role == "student" and
+               gate_for(survey) else []),
              "Any key can be overridden per run: --set train.epochs=5."]
     return "".join(f"# {part}\n" for line in lines for part in textwrap.wrap(line, 108, subsequent_indent="  "))
 

@@ -57,6 +57,7 @@ def test_init_then_the_printed_commands_reach_a_validated_int8_file(tmp_path):
     assert student["data"]["unlabeled"] == str(data / "unsorted")
     assert student["teacher"] == {"recipe": "my_photos_teacher.yaml"}
     assert student["distill"]["teacher_views"] >= 1 and student["augment"]["render_size"] == 32
+    assert student["export"]["max_drop_int8"] == 8.34  # one of the 12 val photos: the finest gate they measure
     commands = next_commands(result.output)
     assert [c[0] for c in commands] == ["train", "distill", "export", "validate", "classify"]
     for command in commands:  # exactly as printed: nothing edited
