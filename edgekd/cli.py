@@ -16,6 +16,19 @@ from edgekd import __version__
 from edgekd.errors import EdgekdError
 
 
+# Commands that need the training extra (torch and friends); a device install has only `classify`.
+TRAINING_COMMANDS = frozenset({"init", "train", "distill", "evaluate", "summary", "export", "validate", "sweep",
+                               "report"})
+TRAINING_MODULES = frozenset({"torch", "torchvision", "timm", "onnx", "onnxscript", "matplotlib"})
+TRAIN_EXTRA_HINT = "pip install 'edgekd[train]'"
+
+
+def _has_training_extra() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None  # finds, does not import
+
+
 class _Group(click.Group):
     """Turns the errors users can fix into one clear message and an exit code, not a traceback."""
 
@@ -27,6 +40,35 @@ class _Group(click.Group):
             if exc.hint:
                 click.echo(f"  hint: {exc.hint}", err=True)
             ctx.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in TRAINING_MODULES:
+                raise
+            click.secho(f"Error: {ctx.invoked_subcommand or 'this command'} needs {exc.name}, part of the training "
+                        f"extra: {TRAIN_EXTRA_HINT}", fg="red", err=True)
+            ctx.exit(1)
+
+    def resolve_command(self, ctx: click.Context, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        wants_help = any(a in ("--help", "-h") for a in rest)
+        if name in TRAINING_COMMANDS and not wants_help and not _has_training_extra():
+            raise EdgekdError(f"edgekd {name} needs PyTorch, which this install lacks (a device install only "
+                              f"classifies): {TRAIN_EXTRA_HINT}")
+        return name, command, rest
+
+    def format_commands(self, ctx: click.Context, formatter) -> None:
+        if _has_training_extra():
+            return super().format_commands(ctx, formatter)
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is None or command.hidden:
+                continue
+            text = command.get_short_help_str(limit=formatter.width - 40)
+            rows.append((name, f"[train extra] {text}" if name in TRAINING_COMMANDS else text))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+        formatter.write_paragraph()
+        formatter.write_text(f"This install has no PyTorch: commands marked [train extra] need {TRAIN_EXTRA_HINT}.")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,6 +236,60 @@ def train(obj, recipe, overrides, resume, artifacts, precision, nproc) -> None:
 def distill(obj, recipe, overrides, resume, artifacts, precision, nproc) -> None:
     """Distill a student from the recipe's teacher: α·T²·KL + (1−α)·CE."""
     _run_stage("distill", recipe, overrides, resume, artifacts, precision, obj["quiet"], nproc)
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default="recipes", show_default=True,
+              help="Where the two recipes are written.")
+@click.option("--name", default=None, help="Recipe and run name [default: the data folder's name].")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="The teacher's input size in px [default: from the photos, 32-224]; the student's is at most 64.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of both the teacher and the student [default: from the data's size and this machine].")
+@click.option("--budget", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Minutes of training (teacher + distillation) to size the recipes for on this machine.")
+@click.option("--force", is_flag=True, help="Replace recipe files that already exist.")
+@click.option("--quick", is_flag=True, help="A smoke run of the whole pipeline in minutes: 1 epoch at 32 px, "
+                                            "validate on onnxruntime's CPU provider only.")
+def init(data_dir, out, name, image_size, epochs, budget, force, quick) -> None:
+    """Read a folder of photos and write a teacher and a student recipe for it, sized for this machine.
+
+    DATA_DIR holds class folders (<class>/<photos>, subfolders too), or split folders (train/, val/, test/ in
+    any case and usual spellings) of them; a folder of photos without classes becomes data.unlabeled.
+    Prints the estimated minutes per stage and the commands to run next.
+    """
+    from edgekd.scaffold import describe_layout, init_project
+
+    r = init_project(data_dir, out, name, image_size, epochs, budget, force, quick)
+    s, t, p = r.survey, r.timing, r.plan
+    counts = ", ".join(f"{c} {k}" for c, k in s.counts["train"].items())
+    click.echo(f"dataset   {s.root}: {len(s.classes)} classes, {s.train_count} training photos ({counts})")
+    click.echo(f"layout    {describe_layout(s)}")
+    if s.unlabeled is not None:
+        click.echo(f"unlabeled {s.unlabeled} ({s.unlabeled_count} photos without classes: data.unlabeled)")
+    click.echo(f"photos    shorter side {s.photo_side} px (median; {s.photo_sides[0]}-{s.photo_sides[1]} in a sample)")
+    click.echo(f"timed     {t.device}: teacher {t.teacher_train:.0f} img/s training at {p.teacher_size} px, "
+               f"{t.teacher_forward:.0f} img/s forward; {p.student_blocks}-block student "
+               f"{t.student_train[p.student_blocks]:.0f} img/s at {p.student_size} px ({p.precision}); "
+               f"decoding {t.decode:.0f} photos/s ({t.seconds:.1f} s)")
+    click.echo(f"wrote     {r.teacher_path}  EfficientNet-Lite0 (ImageNet, fine-tuned, {t.teacher_parameters:,} "
+               f"parameters), {p.teacher_size} px, {p.teacher_epochs} epochs")
+    click.echo(f"          {r.student_path}  {p.student_blocks}-block paper CNN "
+               f"({t.student_parameters[p.student_blocks]:,} parameters), {p.student_size} px, "
+               f"{p.student_epochs} epochs, {p.teacher_views} teacher views")
+    if t.load is not None and t.load > t.cores:
+        click.secho(f"warning   the machine is busy (load {t.load:.1f} on {t.cores} cores): the timed speeds, and so "
+                    f"the sizes and estimates, are what it does now", fg="yellow")
+    for warning in r.warnings:
+        click.secho(f"warning   {warning}", fg="yellow")
+    estimate = ", ".join(f"{stage} {minutes:.0f}" if minutes >= 1 else f"{stage} <1"
+                         for stage, minutes in r.minutes.items())
+    click.echo(f"estimate  minutes here: {estimate} (train and distill from the timed steps; export and "
+               f"validate rough)")
+    click.echo("\nnext:")
+    for command in r.commands:
+        click.echo(f"  {command}")
 
 
 @cli.command()

@@ -111,3 +111,22 @@ def test_validate_offers_openvino_and_names_it_when_a_provider_is_wrong(runner, 
     result = runner.invoke(cli, ["validate", str(tmp_path), "--providers", "cpu,openvinno"])
     assert result.exit_code == 2 and "choose from cpu, cuda, tensorrt, openvino" in result.output
     assert "openvino" in runner.invoke(cli, ["validate", "--help"]).output
+
+
+def test_without_the_training_extra_training_commands_say_how_to_install_it(runner, monkeypatch, tmp_path):
+    import edgekd.cli as cli_module
+    import edgekd.recipe
+
+    monkeypatch.setattr(cli_module, "_has_training_extra", lambda: False)
+    result = runner.invoke(cli, ["distill", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 1 and "pip install 'edgekd[train]'" in result.output
+    assert "[train extra]" in runner.invoke(cli, ["--help"]).output
+    monkeypatch.undo()
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'timm'", name="timm")
+
+    monkeypatch.setattr(edgekd.recipe, "load_recipe", missing)
+    result = runner.invoke(cli, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 1 and "needs timm" in result.output and "pip install 'edgekd[train]'" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -193,3 +193,64 @@ def test_the_cache_holds_exactly_what_the_runtime_decoder_returns(tmp_path):
     split = open_dataset(config(root, image_size=24), splits=("val",)).splits["val"]
     first_file = sorted((root / "val" / "buildings").iterdir())[0]
     np.testing.assert_array_equal(split.take(np.arange(1))[0][0], load_rgb(first_file, 24))
+
+
+def test_split_folders_are_found_in_any_case_and_usual_spellings(tmp_path):
+    for train, val, test in (("Train", "Validation", "Test"), ("training", "valid", "testing"),
+                             ("TRAIN", "VAL", "seg_test"), ("training_set", "validation set", "test_set")):
+        root = tmp_path / train / "d"
+        make_image_folder(root / train, per_class=3)
+        make_image_folder(root / val, per_class=2, seed=1)
+        make_image_folder(root / test, per_class=1, seed=2)
+        dataset = open_dataset(config(root), splits=("train", "val", "test"))
+        assert dataset.class_names == ["buildings", "forest", "sea"]
+        assert {k: len(v) for k, v in dataset.splits.items()} == {"train": 9, "val": 6, "test": 3}
+        assert not dataset.val_held_out
+
+
+def test_photos_in_subfolders_of_a_class_are_found_as_imagefolder_does(tmp_path):
+    root = tmp_path / "d"
+    rng = np.random.default_rng(0)
+    for name, colour in {"cat": (200, 60, 60), "dog": (40, 180, 60)}.items():
+        write_image(root / "Train" / name / "2023" / "a.jpg", colour, rng)
+        write_image(root / "Train" / name / "2024" / "deep" / "b.png", colour, rng, fmt="PNG")
+        write_image(root / "Train" / name / "c.jpg", colour, rng)
+        write_image(root / "Train" / name / ".hidden" / "d.jpg", colour, rng)  # skipped, like dot files
+        write_image(root / "Validation" / name / "x" / "e.jpg", colour, rng)
+    write_image(tmp_path / "elsewhere" / "f.jpg", (40, 180, 60), rng)
+    (root / "Train" / "dog" / "linked").symlink_to(tmp_path / "elsewhere")  # followed, as ImageFolder does
+    (root / "Train" / "dog" / "again").symlink_to(root / "Train" / "dog" / "2023")  # a folder counts once
+    (root / "Train" / "dog" / "2023" / "loop").symlink_to(root / "Train" / "dog")  # a loop: no hang
+    dataset = open_dataset(config(root), splits=("train", "val"))
+    assert dataset.class_names == ["cat", "dog"]
+    assert np.bincount(dataset.splits["train"].row_labels).tolist() == [3, 4]
+    assert len(dataset.splits["val"]) == 2
+
+
+def test_a_layout_not_understood_names_what_it_saw_and_the_keys_that_fix_it(tmp_path):
+    root = tmp_path / "d"
+    make_image_folder(root / "Fit", per_class=2)  # splits under names edgekd does not know
+    make_image_folder(root / "Holdout", per_class=1, seed=1)
+    with pytest.raises(DataError) as err:
+        open_dataset(config(root))
+    message = f"{err.value.message} {err.value.hint}"
+    assert "Fit/ (6 images)" in message and "Holdout/ (3 images)" in message
+    assert "data.train_dir" in message and "data.val_dir" in message
+    dataset = open_dataset(config(root, train_dir="Fit", val_dir="Holdout"))  # the fix it names
+    assert len(dataset.splits["train"]) == 6 and len(dataset.splits["val"]) == 3
+    loose = tmp_path / "loose"
+    make_image_folder(loose / "photos", per_class=1)
+    for i, path in enumerate(sorted((loose / "photos").rglob("*.jpg"))):
+        path.rename(loose / f"{i}.jpg")
+    with pytest.raises(DataError, match=r"3 images directly in it") as err:
+        open_dataset(config(loose))
+    assert "data.train_dir" in err.value.hint
+
+
+def test_classes_with_the_same_subfolders_are_still_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, colour in {"cat": (200, 60, 60), "dog": (40, 180, 60)}.items():
+        for year in ("2022", "2023"):
+            write_image(tmp_path / "d" / name / year / "a.jpg", colour, rng)
+    dataset = open_dataset(config(tmp_path / "d"), splits=("train",))
+    assert dataset.class_names == ["cat", "dog"]

@@ -1,4 +1,5 @@
-"""Where images come from: ImageFolder trees (plain, Kaggle's Intel, seed 001's) and Fashion-MNIST IDX files.
+"""Where images come from: ImageFolder trees (plain; split folders named in any case; Kaggle's Intel;
+Nguyen's unlabeled test folder), photos found in subfolders of a class too, and Fashion-MNIST IDX files.
 
 A source lists a split's images and labels without decoding them; `cache.py` decodes each once.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +22,10 @@ from edgekd.runtime.preprocess import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
+# Split folder names, matched in any case (Train/, VALIDATION/ ...).
 SPLIT_DIR_NAMES = {
     "train": ("train", "seg_train", "training"),
-    "val": ("val", "valid", "validation"),
+    "val": ("val", "valid", "validation", "seg_val"),
     "test": ("test", "seg_test", "testing"),
 }
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -80,16 +84,80 @@ def _find_split_dir(root: Path, split: str, explicit: str | None) -> Path | None
     if explicit:
         folder = Path(explicit) if Path(explicit).is_absolute() else root / explicit
         if not folder.is_dir():
-            raise DataError(f"data.{split}_dir: {folder} is not a folder")
+            raise DataError(f"data.{split}_dir: {folder} is not a folder",
+                            hint=f"{root} holds {describe_folder(root)}")
         return _unnest(folder)
+    by_name = {_split_key(c.name): c for c in reversed(_subfolders(root))}  # Train/ before train/ if both
     for name in SPLIT_DIR_NAMES[split]:
-        if (root / name).is_dir():
-            return _unnest(root / name)
+        if name in by_name:
+            return _unnest(by_name[name])
     return None
 
 
-def _class_dirs(folder: Path) -> list[Path]:
+def _split_key(folder_name: str) -> str:
+    """A folder's name as a split name: any case, and Kaggle's `training_set`/`test set` spelt as `training`."""
+    name = folder_name.lower()
+    return re.sub(r"[ _-]?set$", "", name) if name not in ("set", "_set") else name
+
+
+def _subfolders(folder: Path) -> list[Path]:
     return sorted(c for c in folder.iterdir() if c.is_dir() and not c.name.startswith("."))
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return _subfolders(folder)
+
+
+def images_under(folder: Path) -> list[Path]:
+    """Every image file under `folder`, in subfolders too, sorted; hidden files and folders are skipped.
+    Symlinked folders are followed, as torchvision's ImageFolder does (each real folder once)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a symlink loop, or the same folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top) / f for f in files if _is_image(Path(top) / f)]
+    return sorted(found)
+
+
+def _direct_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
+def describe_folder(root: Path, limit: int = 12) -> str:
+    """What a folder holds, for messages: its subfolders with their image counts (subfolders included)."""
+    subs = _subfolders(root)
+    parts = [f"{c.name}/ ({len(images_under(c))} images)" for c in subs[:limit]]
+    if len(subs) > limit:
+        parts.append(f"... {len(subs) - limit} more folders")
+    loose = len(_direct_images(root))
+    if loose:
+        parts.append(f"{loose} images directly in it")
+    return ", ".join(parts) if parts else "nothing (no folders, no images)"
+
+
+LAYOUT_KEYS_HINT = ("name the split folders in the recipe, relative to data.root: data.train_dir: <the folder "
+                    "of class folders> (and data.val_dir, data.test_dir); data.train_dir: . reads data.root "
+                    "itself as <class>/<images>")
+
+
+SPLIT_WORDS = ("train", "val", "test", "hold", "fit", "eval", "dev", "split")
+
+
+def _looks_like_unnamed_splits(root: Path) -> bool:
+    """Top folders named like splits that each hold the same class folders (Fit/ and Holdout/ both with cat/
+    and dog/) are splits under names edgekd does not know, not classes: read as classes, they would train a
+    model to tell the splits apart. (cat/2023/ and dog/2023/ are classes: their names are not split words.)"""
+    tops = _subfolders(root)
+    if len(tops) < 2 or not any(word in top.name.lower() for top in tops for word in SPLIT_WORDS):
+        return False
+    names = [frozenset(c.name for c in _subfolders(top)) for top in tops]
+    return len(names[0]) >= 2 and all(n == names[0] for n in names) and \
+        all(images_under(c) for c in _subfolders(tops[0]))
 
 
 def find_split_dirs(config: DataConfig) -> dict[str, Path | None]:
@@ -101,20 +169,24 @@ def find_split_dirs(config: DataConfig) -> dict[str, Path | None]:
         raise DataError(f"dataset folder {root} does not exist", hint=INTEL_HINT)
     dirs = {split: _find_split_dir(root, split, getattr(config, f"{split}_dir")) for split in SPLIT_DIR_NAMES}
     if dirs["train"] is None:
-        if _class_dirs(root) and not any(d for d in dirs.values()):
+        if _class_dirs(root) and not any(d for d in dirs.values()) and not _looks_like_unnamed_splits(root):
             dirs["train"] = root  # a plain ImageFolder: class folders straight under root
         else:
+            known = "; ".join(f"{k}: {', '.join(v)}" for k, v in SPLIT_DIR_NAMES.items())
             raise DataError(
-                f"no training folder in {root}: expected {root}/train/<class>/*.jpg (optional val/ and test/), "
-                f"or Kaggle's seg_train/seg_train/<class>/*.jpg", hint=INTEL_HINT)
+                f"no training folder in {root}; it holds {describe_folder(root)}. Expected "
+                f"{root}/train/<class>/<images> (optional val/ and test/; split folders are named, in any "
+                f"case, {known}), or {root}/<class>/<images>", hint=LAYOUT_KEYS_HINT)
     return dirs
 
 
 def folder_class_names(train_dir: Path) -> list[str]:
     classes = [c.name for c in _class_dirs(train_dir)]
     if not classes:
-        raise DataError(f"{train_dir} holds no class folders: expected {train_dir}/<class>/<image files>",
-                        hint=INTEL_HINT)
+        raise DataError(f"{train_dir} holds no class folders ({describe_folder(train_dir)}): expected "
+                        f"{train_dir}/<class>/<image files>",
+                        hint=f"put the photos of each class in a folder named after it (photos without classes "
+                             f"go in data.unlabeled), or {LAYOUT_KEYS_HINT}")
     return classes
 
 
@@ -128,11 +200,13 @@ def _list_labeled(folder: Path, class_names: list[str], split: str) -> tuple[lis
     labels: list[int] = []
     for name in class_names:
         class_dir = folder / name
-        files = sorted(p for p in class_dir.iterdir() if _is_image(p)) if class_dir.is_dir() else []
+        files = images_under(class_dir) if class_dir.is_dir() else []
         if not files and split == "train":
             suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-            raise DataError(f"class folder {class_dir} holds no images",
-                            hint=f"add images or remove the folder; image files end in {suffixes}")
+            raise DataError(f"class folder {class_dir} holds no images, subfolders included ({folder} holds "
+                            f"{describe_folder(folder)})",
+                            hint=f"add images or remove the folder (image files end in {suffixes}); if these "
+                                 f"folders are not classes, {LAYOUT_KEYS_HINT}")
         paths += files
         labels += [index[name]] * len(files)
     return paths, np.asarray(labels, dtype=np.int64)
@@ -149,8 +223,8 @@ def _files_fingerprint(paths: list[Path], labels: np.ndarray | None) -> str:
 def folder_split(folder: Path, split: str, class_names: list[str]) -> SplitSource:
     if _class_dirs(folder):
         paths, labels = _list_labeled(folder, class_names, split)
-    else:  # seed 001's test folder: images without class folders
-        paths, labels = sorted(p for p in folder.iterdir() if _is_image(p)), None
+    else:  # a test folder of images without class folders (Nguyen's layout): unlabeled
+        paths, labels = _direct_images(folder), None
     if not paths:
         raise DataError(f"{folder} holds no images", hint=f"expected {folder}/<class>/*.jpg")
     return SplitSource(split, labels, paths=paths, origin=str(folder),
@@ -165,8 +239,7 @@ def unlabeled_source(folder: str | Path) -> SplitSource:
     if not folder.is_dir():
         raise DataError(f"data.unlabeled: {folder} is not a folder",
                         hint="point data.unlabeled at a folder of photos (searched recursively), or remove it")
-    paths = sorted(p for p in folder.rglob("*")
-                   if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    paths = images_under(folder)
     if not paths:
         raise DataError(f"data.unlabeled: {folder} holds no image files", hint=f"image files end in {suffixes}")
     return SplitSource("unlabeled", None, paths=paths, origin=str(folder),
