@@ -295,7 +295,6 @@ def _export_and_validate(member: Member, run_dir: Path, config: SweepExport, eve
     Skipped when validation.json is newer than best.pt. A gate failure is recorded, not raised: the
     report shows it.
     """
-    import json
 
     from edgekd.export import ExportError, ExportPlan, export_checkpoint
     from edgekd.validate import ValidationPlan, validate_run

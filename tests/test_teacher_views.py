@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from conftest import write_recipe
 from edgekd.data import open_dataset
 from edgekd.recipe import AugmentConfig, load_recipe
-from edgekd.train import trainer as trainer_module
 from edgekd.train.teacher_views import teacher_views
 from edgekd.train.trainer import Trainer, run
 

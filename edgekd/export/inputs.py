@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edgekd.errors import CheckpointError, DataError, EdgekdError
+from edgekd.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +22,7 @@ def load_finite_model(checkpoint: Path, attempts: int = 3):
 
     for _ in range(attempts):
         before = file_sha256(checkpoint)
-        try:
-            model, payload = load_model(checkpoint)
-        except EdgekdError:
-            raise
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            detail = _weights_mismatch(checkpoint) if isinstance(exc, RuntimeError) else None
-            raise CheckpointError(f"{checkpoint}: its stored model does not fit its weights: "
-                                  f"{detail or first_lines(exc)}",
-                                  hint="the checkpoint was edited or written by another program; export the "
-                                       "best.pt or last.pt that `edgekd train|distill` wrote") from exc
+        model, payload = load_model(checkpoint)  # a CheckpointError names what does not fit
         if file_sha256(checkpoint) == before:
             _check_finite(checkpoint, model)
             return model, payload, before
@@ -40,37 +31,15 @@ def load_finite_model(checkpoint: Path, attempts: int = 3):
     raise CheckpointError(f"{checkpoint} kept changing while it was read", hint="export it when its run has finished")
 
 
-def _weights_mismatch(checkpoint: Path) -> str | None:
-    """What differs between the model a checkpoint describes and the weights it holds, in a few words."""
-    from edgekd.train.checkpoint import build_model, read_checkpoint
-
-    try:
-        payload = read_checkpoint(checkpoint)
-        expected, stored = build_model(payload).state_dict(), payload["state_dict"]
-        missing = [k for k in expected if k not in stored]
-        unexpected = [k for k in stored if k not in expected]
-        shapes = [f"{k} is {list(stored[k].shape)} in the file, {list(expected[k].shape)} in the model"
-                  for k in expected if k in stored and tuple(stored[k].shape) != tuple(expected[k].shape)]
-    except Exception:  # noqa: BLE001 - only a better message is at stake; the caller has the first one
-        return None
-    model = payload["model"]
-    parts = [f"{len(missing)} weight(s) the model {model.get('name')} {model.get('args')} needs are missing "
-             f"(e.g. {', '.join(missing[:2])})" if missing else "",
-             f"{len(unexpected)} weight(s) belong to no layer (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
-             f"{len(shapes)} weight(s) have another shape (e.g. {shapes[0]})" if shapes else ""]
-    return "; ".join(p for p in parts if p) or None
-
-
 def first_lines(exc: BaseException, lines: int = 3, width: int = 300) -> str:
     text = [line.strip()[:width] for line in str(exc).splitlines() if line.strip()][:lines]
     return f"{exc.__class__.__name__}: {' '.join(text)}".rstrip(": ")
 
 
 def _check_finite(checkpoint: Path, model) -> None:
-    import torch
+    from edgekd.train.checkpoint import nonfinite_weights
 
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    broken = nonfinite_weights(model.state_dict())
     if broken:
         raise CheckpointError(f"{checkpoint} holds non-finite weights (NaN or inf) in {len(broken)} tensor(s), "
                               f"e.g. {', '.join(broken[:3])}: its training diverged, and it is never exported",

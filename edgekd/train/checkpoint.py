@@ -108,12 +108,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Cl
     payload = read_checkpoint(path)
     try:
         model = build_model(payload)
-        model.load_state_dict(payload["state_dict"])
+        reason = weights_mismatch(model, payload)
+        if reason is None:
+            model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        raise CheckpointError(f"{payload['path']}: its stored model does not fit its weights ({first_reason(exc)})",
+        reason = first_reason(exc)
+    if reason is not None:
+        raise CheckpointError(f"{payload['path']}: its stored model does not fit its weights ({reason})",
                               hint="the file was changed after edgekd wrote it, or comes from another tool; "
-                                   "use the run's own best.pt") from None
+                                   "use the run's own best.pt")
     return model.to(device).eval(), payload
+
+
+def weights_mismatch(model: torch.nn.Module, payload: dict[str, Any]) -> str | None:
+    """What differs between the model a checkpoint describes and the weights it holds, in a few words
+    (load_state_dict's own message lists every key, and first says nothing)."""
+    expected, stored = model.state_dict(), payload["state_dict"]
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    shapes = [f"{k} is {list(stored[k].shape)} in the file, {list(expected[k].shape)} in the model"
+              for k in expected if k in stored and hasattr(stored[k], "shape")
+              and tuple(stored[k].shape) != tuple(expected[k].shape)]
+    described = payload["model"]
+    parts = [f"{len(missing)} weight(s) the model {described.get('name')} {described.get('args')} needs are "
+             f"missing (e.g. {', '.join(missing[:2])})" if missing else "",
+             f"{len(unexpected)} weight(s) belong to no layer (e.g. {', '.join(unexpected[:2])})" if unexpected else "",
+             f"{len(shapes)} weight(s) have another shape (e.g. {shapes[0]})" if shapes else ""]
+    return "; ".join(p for p in parts if p) or None
 
 
 def first_reason(exc: BaseException) -> str:
