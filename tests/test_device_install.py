@@ -74,3 +74,14 @@ def test_training_commands_there_exit_1_with_the_install_hint(device_venv, tmp_p
                if line.startswith("  ") and not line.startswith("   ")}
     assert "[train extra]" in listing["train"] and "[train extra]" not in listing["classify"]
     assert _run(device_venv, "train", "--help").returncode == 0
+
+
+def test_doctor_there_reports_the_machine_and_what_training_needs(device_venv):
+    import json
+
+    done = _run(device_venv, "doctor", "--json")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    report = json.loads(done.stdout)
+    assert report["torch"]["version"] is None and "pip install 'edgekd[train]'" in report["torch"]["missing"]
+    assert report["onnxruntime"]["version"] and report["cpu"]
+    assert _run(device_venv, "doctor").returncode == 0
