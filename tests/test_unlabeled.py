@@ -172,3 +172,45 @@ def test_hidden_labels_drop_or_keep_the_images_as_unlabeled_rows(tmp_path):
     # val shares the train cache's labels; hiding train labels must not touch them.
     np.testing.assert_array_equal(kept.splits["val"].row_labels, full.splits["val"].row_labels)
     assert (kept.entries["train"].labels >= 0).all()
+
+
+def test_no_hidden_label_reaches_a_cross_entropy_term_teacher_or_student(tmp_path, image_dataset, monkeypatch):
+    """With data.label_fraction and hidden_labels: unlabeled, the teacher's and the student's training
+    cross-entropy see exactly the labels kept, each once an epoch: a hidden label that leaked would add
+    labels to what they see."""
+    import torch
+
+    from conftest import write_recipe
+    from edgekd.recipe import load_recipe
+    from edgekd.train import losses
+    from edgekd.train import trainer as trainer_module
+
+    seen: list[int] = []
+    real = losses.ce_loss
+
+    def recording(logits, targets, label_smoothing=0.0):
+        if torch.is_grad_enabled():  # training batches only: validation runs under no_grad
+            seen.extend(targets[targets >= 0].tolist())
+        return real(logits, targets, label_smoothing)
+
+    monkeypatch.setattr(losses, "ce_loss", recording)
+    monkeypatch.setattr(trainer_module, "ce_loss", recording)
+    hide = {"label_fraction": 0.25, "hidden_labels": "unlabeled"}
+    teacher = write_recipe(tmp_path / "t.yaml", image_dataset, model={"blocks": 2}, data=hide, train={"epochs": 1})
+    student = write_recipe(tmp_path / "s.yaml", image_dataset, model={"blocks": 1}, data=hide, train={"epochs": 1},
+                           teacher={"recipe": str(teacher)}, distill={"alpha": 0.5})
+    # The labels kept, drawn apart from the data path under test: a quarter of each class, as split_seed says.
+    every = open_dataset(load_recipe(teacher, ["data.label_fraction=1.0"]).data).splits["train"].row_labels
+    kept = sorted(int(label) for label in every[stratified_subset(every, 0.25, 0)])
+    assert len(every) == 48 and len(kept) == 12
+
+    summary = trainer_module.run(load_recipe(teacher), "train", tmp_path / "artifacts")
+    assert sorted(seen) == kept, "the teacher's cross-entropy saw labels that data.label_fraction hid"
+    # The teacher trains on the labelled quarter alone; its summary says so.
+    assert (summary["dataset"]["labelled"], summary["dataset"]["unlabeled"]) == (12, 0)
+    assert summary["dataset"]["labels_hidden"] == 36
+
+    seen.clear()
+    summary = trainer_module.run(load_recipe(student), "distill", tmp_path / "artifacts")
+    assert sorted(seen) == kept, "the student's cross-entropy saw labels that data.label_fraction hid"
+    assert (summary["dataset"]["labelled"], summary["dataset"]["unlabeled"]) == (12, 36)

@@ -111,6 +111,8 @@ class Dataset:
         return {"kind": self.config.kind, "root": self.root, "classes": self.class_names,
                 "image_size": self.image_size, "sizes": {k: len(v) for k, v in self.splits.items()},
                 "val_held_out": self.val_held_out,
+                # training rows with a label, and those only the teacher teaches (hidden labels, unlabeled photos)
+                "labelled": len(train) - train.unlabeled_count if (train := self.splits.get("train")) else 0,
                 "unlabeled": sum(split.unlabeled_count for split in self.splits.values()),
                 "unlabeled_folder": self.config.unlabeled, "label_fraction": self.config.label_fraction,
                 "labels_hidden": self.labels_hidden,
