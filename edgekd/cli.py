@@ -511,13 +511,19 @@ def classify(photos, model_path, top_k, as_json, provider, threads, batch_size, 
         if as_json:
             click.echo(json.dumps(result.to_dict()))
         elif hasattr(result, "error"):
-            click.echo(f"{result.file}\terror: {result.error}")
+            click.echo(f"{_one_field(result.file)}\terror: {result.error}")
         else:
             others = ", ".join(f"{label} {p:.3f}" for label, p in result.top_k)
-            click.echo(f"{result.file}\t{result.label}\t{result.probability:.3f}\t({others})")
+            click.echo(f"{_one_field(result.file)}\t{result.label}\t{result.probability:.3f}\t({others})")
     if failed:
         click.echo(f"{failed} file(s) could not be classified", err=True)
         sys.exit(1)
+
+
+def _one_field(name: str) -> str:
+    """A file name as one tab-separated field: a tab or newline in it (legal on Linux) would forge fields or
+    whole output lines, so control characters are shown escaped, as Python writes them."""
+    return name if name.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in name)
 
 
 @cli.command()

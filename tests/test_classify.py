@@ -231,3 +231,16 @@ def test_tampered_metadata_of_a_real_export_names_the_field(model_file, photos, 
         onnx.save(model, tmp_path / "tampered.onnx")
         result = _invoke("--model", tmp_path / "tampered.onnx", photos[0] / "rgb.jpg")
         assert result.exit_code == 1 and message in result.output and result.stdout == "", (key, result.output)
+
+
+def test_a_file_name_with_a_newline_or_tab_cannot_forge_output_lines(model_file, tmp_path):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    Image.new("RGB", (30, 20), (200, 60, 60)).save(folder / "a\nfake.jpg\tsea\t1.000\t(x).jpg", "JPEG")
+    (folder / "b\n.jpg").write_text("not an image")
+    result = _invoke("--model", model_file, folder)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, lines  # one line a photo, whatever its name holds
+    assert all(len(line.split("\t")) in (2, 4) for line in lines), lines
+    assert any(line.startswith(str(folder / "a\\nfake.jpg\\tsea\\t1.000\\t(x).jpg") + "\t") for line in lines)
+    assert any(line.startswith(str(folder / "b\\n.jpg") + "\terror: ") for line in lines)
