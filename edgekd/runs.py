@@ -119,8 +119,14 @@ def check_writable(root: Path, keep: bool = True) -> None:
     the folders it made are removed again, so a check before any work leaves nothing behind."""
     missing = [p for p in (root, *root.parents) if not os.path.lexists(p)]
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".edgekd-write-check.", dir=root)
+        for attempt in range(10):
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(prefix=".edgekd-write-check.", dir=root)
+                break
+            except FileNotFoundError:  # another run's check (keep=False) removed the folders it had made
+                if attempt == 9:
+                    raise
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

@@ -515,3 +515,26 @@ def test_evaluate_in_a_read_only_run_folder_still_answers(tmp_path, teacher_reci
     result = CliRunner().invoke(cli, ["evaluate", "--split", "val"])
     assert result.exit_code == 0 and "val accuracy" in result.output
     assert "warning: could not write" in result.output and "written" not in result.output
+
+
+def _check_writable_many(args) -> int:
+    from edgekd.runs import check_writable
+
+    root, times = args
+    failures = 0
+    for _ in range(times):
+        try:
+            check_writable(root, keep=False)
+        except Exception:  # noqa: BLE001 - counted: the assertion says how many
+            failures += 1
+    return failures
+
+
+def test_runs_checking_one_missing_artifacts_folder_side_by_side_never_fail(tmp_path):
+    """`doctor --smoke` starts rows side by side on one artifacts folder: one run's check removes the folders
+    it made while another's is between making the folder and writing its probe."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        failures = pool.map(_check_writable_many, [(tmp_path / "a" / "b", 1500)] * 3)
+    assert failures == [0, 0, 0]
