@@ -124,7 +124,9 @@ def check_writable(root: Path, keep: bool = True) -> None:
                 root.mkdir(parents=True, exist_ok=True)
                 fd, probe = tempfile.mkstemp(prefix=".edgekd-write-check.", dir=root)
                 break
-            except FileNotFoundError:  # another run's check (keep=False) removed the folders it had made
+            # Another run's check (keep=False) removed the folders it had made while this one made them again
+            # (ENOENT), or between pathlib's mkdir and its is_dir (EEXIST); a file in root's place fails every time.
+            except (FileNotFoundError, FileExistsError):
                 if attempt == 9:
                     raise
         os.close(fd)
