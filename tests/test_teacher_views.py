@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_recipe
+from conftest import write_image, write_recipe
 from edgekd.data import open_dataset
 from edgekd.recipe import AugmentConfig, load_recipe
 from edgekd.train.teacher_views import teacher_views
@@ -90,7 +90,7 @@ def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, tea
     model, meta = load_model(teacher)
     inputs: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
-    views = teacher_views(_plain(model), file_sha256(teacher), 3, split, "test-store", config, 32, 32, count=2,
+    views = teacher_views(_plain(model), file_sha256(teacher), 3, split, config, 32, 32, count=2,
                           seed=5, choice_seed=0, cache_root=tmp_path / "cache", batch_size=1000)
     rows = np.sort(split.rows)
     per_view = dict(enumerate(inputs))  # one teacher call per stored view k, every photo in one chunk
@@ -124,7 +124,7 @@ def _fill_args(tmp_path, image_dataset, teacher) -> dict:
     split = open_dataset(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
     model, _ = load_model(teacher)
     return dict(choose_forward=_plain(model), teacher_sha256=file_sha256(teacher), num_classes=3, split=split,
-                store_id="s", config=AugmentConfig(**AUGMENT), render_size=32, teacher_size=32, count=3, seed=1,
+                config=AugmentConfig(**AUGMENT), render_size=32, teacher_size=32, count=3, seed=1,
                 choice_seed=0, batch_size=8)
 
 
@@ -153,7 +153,7 @@ def test_a_killed_fill_resumes_to_the_same_cache(tmp_path, image_dataset, teache
 
     def die_after_two_chunks(path, array):
         real(path, array)
-        if path.name == "filled.npy":
+        if path.name == "filled.npy" and array.any():  # a chunk done (not the new slots' all-False array)
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
@@ -177,9 +177,9 @@ def _truncate_logits(folder: Path, args: dict) -> None:
 
 
 def _params_of_another_seed(folder: Path, args: dict) -> None:
-    from edgekd.train.teacher_views import _draw_all
+    from edgekd.train.teacher_views import draw_photo_views
 
-    np.save(folder / "params.npy", _draw_all(len(args["split"].images), 3, 32, args["config"], seed=2))
+    np.save(folder / "params.npy", draw_photo_views(np.load(folder / "keys.npy"), 3, 32, args["config"], seed=2))
 
 
 def _garbage_filled(folder: Path, args: dict) -> None:
@@ -201,7 +201,7 @@ def _foreign_manifest(folder: Path, args: dict) -> None:
     (_params_of_another_seed, "params.npy is not the views seed 1 draws"),
     (_garbage_filled, "filled.npy is unreadable"),
     (_short_filled, "filled.npy holds bool [3]"),
-    (_foreign_manifest, "manifest.json describes another entry (inputs differ)"),
+    (_foreign_manifest, "manifest.json describes another store (inputs differ)"),
 ], ids=["truncated-logits", "params-of-another-seed", "garbage-filled", "short-filled", "foreign-manifest"])
 def test_a_damaged_or_foreign_cache_is_rebuilt_never_read(tmp_path, image_dataset, teacher, caplog, damage,
                                                           reason):
@@ -317,3 +317,92 @@ def test_the_teacher_is_warned_about_only_when_it_sees_the_students_views_blown_
     assert level == logging.INFO and "larger than 150px" in message
     assert resolution_note(teacher_size=150, render_size=150, student_size=64) is None
     assert resolution_note(teacher_size=64, render_size=150, student_size=32) is None  # views shrunk for it
+
+
+def _fill_log(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if "running the teacher" in r.getMessage()
+                     or "read from" in r.getMessage())
+
+
+def test_adding_unlabeled_photos_fills_only_their_views(tmp_path, image_dataset, teacher, caplog):
+    """The issue's case: a distillation given more photos keeps every stored view of the photos it had and
+    runs the teacher on the new photos alone; their views are what a fill of everything from scratch stores."""
+    rng = np.random.default_rng(7)
+    for i in range(5):
+        write_image(tmp_path / "more" / f"{i}.png", (i * 50, 90, 200), rng, size=(32, 32), fmt="PNG")
+    recipe = _student(tmp_path, image_dataset, teacher, teacher_views=2, teacher_forward="onnxruntime")
+    with caplog.at_level(logging.INFO):  # onnxruntime fp32: what a plain torch fill below matches to 1e-4
+        run(load_recipe(recipe), "distill", tmp_path / "artifacts")
+    folder = _entry_folder(tmp_path / "cache")
+    before = {name: np.load(folder / f"{name}.npy") for name in ("keys", "params", "logits")}
+    assert "on 2 views of 48 photos" in _fill_log(caplog)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        summary = run(load_recipe(recipe, [f"data.unlabeled={tmp_path / 'more'}", "name=with_more"]), "distill",
+                      tmp_path / "artifacts")
+    assert "on 2 views of 5 photos at 32px (48 done before)" in _fill_log(caplog)
+    assert summary["teacher_views_fill"]["views"] == 10
+    after = {name: np.load(folder / f"{name}.npy") for name in ("keys", "params", "logits")}
+    for name, array in before.items():  # the 48 photos' slots are untouched
+        np.testing.assert_array_equal(after[name][:48], array)
+    assert len(after["keys"]) == 53
+
+    fresh_cache = tmp_path / "fresh"
+    from edgekd.data import open_dataset as open_data
+    data = load_recipe(recipe, [f"data.unlabeled={tmp_path / 'more'}"]).data
+    split = open_data(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
+    from edgekd.train.checkpoint import file_sha256, load_model
+    model, _ = load_model(teacher)
+    fresh = teacher_views(_plain(model), file_sha256(teacher), 3, split, AugmentConfig(**AUGMENT, render_size=32),
+                          32, 32, count=2, seed=0, choice_seed=0, cache_root=fresh_cache)
+    grown = teacher_views(_plain(model), file_sha256(teacher), 3, split, AugmentConfig(**AUGMENT, render_size=32),
+                          32, 32, count=2, seed=0, choice_seed=0, cache_root=tmp_path / "cache")
+    np.testing.assert_array_equal(grown.params[grown.slots[split.rows]], fresh.params[fresh.slots[split.rows]])
+    np.testing.assert_allclose(grown.all_logits(split.rows), fresh.all_logits(split.rows), atol=2e-3)
+
+
+def test_a_photo_keeps_its_views_when_moved_or_renamed(tmp_path, image_dataset, teacher, caplog):
+    import shutil
+
+    args = _fill_args(tmp_path, image_dataset, teacher)
+    first = teacher_views(cache_root=tmp_path / "cache", **args)
+    moved = tmp_path / "moved"
+    for path in sorted(image_dataset.rglob("*.jpg")):
+        target = moved / path.relative_to(image_dataset).parent / f"renamed_{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    data = load_recipe(_student(tmp_path, moved, teacher)).data
+    split = open_dataset(data.__class__(**{**data.__dict__, "image_size": 32}), splits=("train",)).splits["train"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = teacher_views(cache_root=tmp_path / "cache", **{**args, "split": split})
+    assert "read from" in _fill_log(caplog) and again.fill is None
+    np.testing.assert_array_equal(again.all_logits(split.rows), first.all_logits(args["split"].rows))
+
+
+def test_a_crash_while_adding_photos_leaves_the_store_as_it_was(tmp_path, image_dataset, teacher, monkeypatch,
+                                                                caplog):
+    from edgekd.train import teacher_views as module
+
+    args = _fill_args(tmp_path, image_dataset, teacher)
+    split = args["split"]
+    half = module.Split(split.name, split.images, split.labels, split.rows[: len(split.rows) // 2])
+    teacher_views(cache_root=tmp_path / "cache", **{**args, "split": half})
+    real = module._save_atomic
+
+    def die_before_keys(path, array):
+        if path.name == "keys.npy":
+            raise KeyboardInterrupt
+        real(path, array)
+
+    monkeypatch.setattr(module, "_save_atomic", die_before_keys)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_views(cache_root=tmp_path / "cache", **args)
+    monkeypatch.setattr(module, "_save_atomic", real)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        whole = teacher_views(cache_root=tmp_path / "cache", **args)
+    assert _warnings(caplog) == [] and f"({len(half.rows)} done before)" in _fill_log(caplog)
+    clean = teacher_views(cache_root=tmp_path / "clean", **args)
+    np.testing.assert_array_equal(whole.params[whole.slots[split.rows]], clean.params[clean.slots[split.rows]])
+    np.testing.assert_allclose(whole.all_logits(split.rows), clean.all_logits(split.rows), atol=2e-3)

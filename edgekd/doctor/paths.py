@@ -61,10 +61,10 @@ def fill_views(model, meta: dict, split, augment, forward: str, device: str, cac
     build = offered[forward]
     started = time.perf_counter()
     views = teacher_views(lambda probe, earlier: TeacherForward(forward, build()), meta["sha256"],
-                          len(meta["class_names"]), split, f"smoke-{forward}", augment, split.images.shape[1],
-                          meta["image_size"], count, 0, 0, cache_root, batch_size)
+                          len(meta["class_names"]), split, augment, split.images.shape[1],
+                          meta["image_size"], count, 0, 0, cache_root, batch_size, scope=f"smoke-{forward}")
     seconds = time.perf_counter() - started
-    logits = np.asarray(views.logits[split.rows], dtype=np.float32)
+    logits = views.all_logits(split.rows)
     if not np.isfinite(logits).all():
         raise RuntimeError("the teacher's stored logits are not all finite")
     filled = views.fill or {}

@@ -18,7 +18,6 @@ import torch
 
 from edgekd.data import Dataset, RowStore, Split, open_dataset
 from edgekd.data.cache import default_cache_root
-from edgekd.data.sources import digest
 from edgekd.errors import CheckpointError, RecipeError
 from edgekd.models import Classifier
 from edgekd.recipe import Recipe, load_recipe
@@ -163,14 +162,13 @@ def _teacher_logit_cache(recipe: Recipe, dataset: Dataset, teacher: Teacher, dev
 def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Split,
                   device: torch.device) -> TeacherViews:
     model, meta = teacher
-    store_id = digest(*(entry.path.name for entry in dataset.train_entries), split.images.shape)
     cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
 
     def choose(probe: torch.Tensor, earlier: str | None) -> TeacherForward:
         return fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
                                recipe.distill.teacher_forward, earlier)
 
-    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, store_id, recipe.augment,
+    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, recipe.augment,
                          split.images.shape[1], meta["image_size"], recipe.distill.teacher_views,
                          recipe.distill.teacher_views_seed, recipe.train.seed, cache_root)
 
