@@ -1,5 +1,6 @@
 """Semi-supervised data: a folder of unlabeled photos, and label_fraction hiding training labels."""
 
+import json
 import logging
 import os
 
@@ -53,7 +54,7 @@ def test_unlabeled_photos_are_decoded_once_counted_and_their_bad_files_skipped(t
     assert len(train) == 12 + 5 and train.unlabeled_count == 5
     assert train.row_labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [UNLABELED] * 5
     assert len(dataset.splits["val"]) == 6 and dataset.splits["val"].unlabeled_count == 0
-    assert "train 17 (5 unlabeled), val 6 images" in dataset.describe()
+    assert "train 17 (12 labelled, 5 taught by the teacher alone), val 6 images" in dataset.describe()
     summary = dataset.summary()
     assert summary["unlabeled"] == 5 and summary["sizes"]["train"] == 17
     assert summary["skipped_images"] == {"train": 0, "val": 0, "unlabeled": 3}
@@ -168,7 +169,8 @@ def test_hidden_labels_drop_or_keep_the_images_as_unlabeled_rows(tmp_path):
     assert len(train) == 30 and train.unlabeled_count == 21
     np.testing.assert_array_equal(train.rows, full.splits["train"].rows)
     np.testing.assert_array_equal(train.labeled_only().rows, dropped.splits["train"].rows)
-    assert "train 30 (21 unlabeled)" in kept.describe() and kept.summary()["unlabeled"] == 21
+    assert "train 30 (9 labelled, 21 taught by the teacher alone)" in kept.describe()
+    assert kept.summary()["unlabeled"] == 21 and kept.summary()["labelled"] == 9
     # val shares the train cache's labels; hiding train labels must not touch them.
     np.testing.assert_array_equal(kept.splits["val"].row_labels, full.splits["val"].row_labels)
     assert (kept.entries["train"].labels >= 0).all()
@@ -214,3 +216,31 @@ def test_no_hidden_label_reaches_a_cross_entropy_term_teacher_or_student(tmp_pat
     summary = trainer_module.run(load_recipe(student), "distill", tmp_path / "artifacts")
     assert sorted(seen) == kept, "the student's cross-entropy saw labels that data.label_fraction hid"
     assert (summary["dataset"]["labelled"], summary["dataset"]["unlabeled"]) == (12, 36)
+
+
+def test_the_few_label_recipes_run_a_tiny_epoch_and_say_who_teaches_whom(tmp_path):
+    """recipes/few_labels_teacher.yaml then few_labels_8block.yaml, shrunk to a generated tree: the teacher
+    trains on the labelled photos alone, the student learns from all of them, and the first lines say so."""
+    from click.testing import CliRunner
+
+    from conftest import RECIPES
+    from edgekd.cli import cli as main
+
+    root = labelled_root(tmp_path, per_class=8)
+    small = [f"data.root={root}", "data.classes=[buildings, forest, sea]", "data.label_fraction=0.25",
+             "train.epochs=1", "train.batch_size=8"]
+    runner = CliRunner()
+    teacher = runner.invoke(main, ["train", str(RECIPES / "few_labels_teacher.yaml"), "--artifacts", "art",
+                                   *[a for item in [*small, "data.image_size=32"] for a in ("--set", item)]])
+    assert teacher.exit_code == 0, teacher.output
+    assert "train 6, val 6 images" in teacher.output and "labels of 25% of train kept (18 hidden" in teacher.output
+    student = runner.invoke(main, ["distill", str(RECIPES / "few_labels_8block.yaml"), "--artifacts", "art",
+                                   *[a for item in [*small, "data.image_size=16", "augment.render_size=32",
+                                                    "model.blocks=2", "precision=fp32",
+                                                    f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher'}"]
+                                     for a in ("--set", item)]])
+    assert student.exit_code == 0, student.output
+    assert "train 24 (6 labelled, 18 taught by the teacher alone)" in student.output
+    summary = json.loads((tmp_path / "art" / "few_labels_8block" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["dataset"]["labelled"] == 6
+    assert summary["dataset"]["unlabeled"] == 18 and summary["teacher_views_fill"]["views"] == 24 * 8

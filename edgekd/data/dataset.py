@@ -97,7 +97,8 @@ class Dataset:
 
     def describe(self) -> str:
         kind = "Fashion-MNIST" if self.config.kind == "fashion-mnist" else "image folders"
-        sizes = ", ".join(f"{name} {len(split)}" + (f" ({split.unlabeled_count} unlabeled)"
+        sizes = ", ".join(f"{name} {len(split)}" + (f" ({len(split) - split.unlabeled_count} labelled, "
+                                                     f"{split.unlabeled_count} taught by the teacher alone)"
                                                      if split.unlabeled_count else "")
                           for name, split in self.splits.items())
         held = f" (val held out of train, {self.config.val_fraction:.0%})" if self.val_held_out else ""
