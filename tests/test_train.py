@@ -453,19 +453,19 @@ def test_retrying_a_run_that_failed_before_any_epoch_takes_its_folder(tmp_path, 
     import edgekd.train.trainer as trainer_module
     from edgekd.errors import DataError
 
-    real = trainer_module._render_split
+    real = trainer_module.render_split
 
     def broken(recipe, dataset):
         raise DataError("the photos moved")
 
     artifacts = tmp_path / "artifacts"
-    monkeypatch.setattr(trainer_module, "_render_split", broken)
+    monkeypatch.setattr(trainer_module, "render_split", broken)
     for _ in range(2):
         with pytest.raises(DataError):
             run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
     assert [p.name for p in artifacts.iterdir()] == ["tiny_teacher"]
     assert json.loads((artifacts / "tiny_teacher" / "summary.json").read_text())["status"] == "failed"
-    monkeypatch.setattr(trainer_module, "_render_split", real)
+    monkeypatch.setattr(trainer_module, "render_split", real)
     assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher"
     # a run with finished epochs is never taken over by the next one
     assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher-2"
