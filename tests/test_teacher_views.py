@@ -3,6 +3,7 @@ each at its own resolution, whether the teacher runs per batch or its views are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -45,7 +46,7 @@ def _record_views(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def spy(self, batch, epoch, index):
-        teacher_model = self.teacher_model
+        teacher_model, forward = self.teacher_model, self.teacher_forward
         inputs = []
 
         class Recorder(torch.nn.Module):
@@ -54,8 +55,11 @@ def _record_views(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
                 return teacher_model(pixels)
 
         self.teacher_model = Recorder()
+        if forward is not None:  # the live teacher's measured forward pass (teacher_forward.py)
+            self.teacher_forward = dataclasses.replace(forward, run=lambda pixels: (
+                inputs.append(pixels.detach().clone()), forward.run(pixels))[1])
         student, logits = original(self, batch, epoch, index)
-        self.teacher_model = teacher_model
+        self.teacher_model, self.teacher_forward = teacher_model, forward
         seen.append((inputs[0], student.detach().clone()))
         return student, logits
 
@@ -78,6 +82,38 @@ def test_teacher_and_student_see_the_same_crop_each_at_its_own_resolution(tmp_pa
     plain = torch.from_numpy(np.array(dataset.splits["train"].images[:])).permute(0, 3, 1, 2).float()
     first_student = seen[0][1]
     assert not any(torch.allclose(view, image, atol=1) for view in first_student for image in plain)
+
+
+def test_the_live_teacher_runs_on_the_forward_the_run_reports(tmp_path, image_dataset, teacher, monkeypatch):
+    """The per-batch teacher is the forward pass chosen once before the loop, named in the run's summary; a
+    resumed run asks for the one its first attempt taught with."""
+    from edgekd.train import teacher as teacher_module
+    from edgekd.train.checkpoint import load_model
+    from edgekd.train.teacher_forward import TeacherForward
+
+    model, _ = load_model(teacher)
+    calls, asked = [], []
+
+    def fake_fastest(model_, meta, device, probe, folder, choice="auto", earlier=None):
+        asked.append((tuple(probe.shape), earlier))
+
+        def run_(pixels):
+            calls.append(tuple(pixels.shape))
+            with torch.no_grad():
+                return model(pixels).float()
+        return TeacherForward("recording fake (test)", run_)
+
+    monkeypatch.setattr(teacher_module, "fastest_forward", fake_fastest)
+    recipe = _student(tmp_path, image_dataset, teacher)
+    summary = run(load_recipe(recipe), "distill", tmp_path / "artifacts")
+    assert summary["teacher"]["forward"] == "recording fake (test)"
+    batches = json.loads(Path(tmp_path / "artifacts" / "small_student" / "summary.json").read_text())
+    assert batches["teacher"]["forward"] == "recording fake (test)"
+    assert asked == [((12, 3, 32, 32), None)]  # chosen once, on real views at the teacher's size
+    assert len(calls) == 4 and all(shape == (12, 3, 32, 32) for shape in calls)  # every batch, at 32 px
+    summary = run(load_recipe(recipe, ["train.epochs=2"]), "distill", tmp_path / "artifacts", resume=True)
+    assert asked[-1] == ((12, 3, 32, 32), "recording fake (test)") and len(calls) == 8
+    assert summary["epochs_done"] == 2 and summary["teacher"]["forward"] == "recording fake (test)"
 
 
 def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, teacher):

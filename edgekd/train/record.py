@@ -57,8 +57,10 @@ def checkpoint_payload(trainer: Trainer, with_train_state: bool,
 def teacher_info(trainer: Trainer) -> dict | None:
     if trainer.teacher_meta is None:
         return None
+    forward = trainer.teacher_forward  # the live teacher's forward pass (None: cached logits, stored views)
     return {"checkpoint": trainer.teacher_meta["path"], "sha256": trainer.teacher_meta["sha256"],
-            "model": trainer.teacher_meta["model"], "run": trainer.teacher_meta.get("run")}
+            "model": trainer.teacher_meta["model"], "run": trainer.teacher_meta.get("run"),
+            "forward": forward.name if forward is not None else None}
 
 
 def loss_description(trainer: Trainer) -> str:
@@ -147,6 +149,7 @@ def start_info(trainer: Trainer, resumed: bool) -> dict:
         "parameters": count_parameters(trainer.model), "resumed_from_epoch": trainer.epoch if resumed else None,
         "resumed_at_batch": trainer.resume_point.next_batch if trainer.resume_point else None,
         "teacher": trainer.teacher_meta["path"] if trainer.teacher_meta else None,
+        "teacher_forward": trainer.teacher_forward.name if trainer.teacher_forward is not None else None,
         "distributed": trainer.dist.describe(),
         "teacher_views_fill": trainer.views.fill if trainer.views is not None else None,
         "skipped_images": sum(len(v) for v in dataset.skipped.values()),

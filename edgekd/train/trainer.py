@@ -37,6 +37,7 @@ from edgekd.train.progress import Callbacks, EarlyStopping, EpochProgress, Silen
 from edgekd.train.record import checkpoint_payload, restore, start_info, write_summary
 from edgekd.train.run_folder import claim_run_dir, now, record_setup_failure
 from edgekd.train.teacher import Teacher, load_teacher, prepare_teacher
+from edgekd.train.teacher_forward import TeacherForward
 from edgekd.train.teacher_views import TeacherViews
 
 __all__ = ["Callbacks", "EarlyStopping", "Trainer", "make_scheduler", "run"]  # what other modules import here
@@ -57,6 +58,7 @@ class Trainer:
         self.callbacks = callbacks if self.dist.main else Silent()
         self.teacher_model, self.teacher_meta = teacher if teacher else (None, None)
         self.teacher_logits: RowStore | None = None  # (rows, classes) fp16 when cached
+        self.teacher_forward: TeacherForward | None = None  # the live teacher's fastest forward pass here
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.stopper = EarlyStopping(recipe.train.patience)
         self.epoch = 0
@@ -214,7 +216,9 @@ class Trainer:
             return None
         # pixels: the view at the resolution it was rendered at; a teacher of another size gets it resized
         pixels = resize_for(pixels, self.teacher_meta["image_size"])
-        with torch.no_grad():
+        if self.teacher_forward is not None:  # it runs in its own precision, outside the student's autocast
+            return self.teacher_forward.run(pixels).to(self.device).clone()  # clone: not an inference tensor
+        with torch.no_grad(), self.policy.autocast():
             return self.teacher_model(pixels)
 
     def _inputs(self, batch: Batch, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -228,9 +232,7 @@ class Trainer:
             generator = batch_generator(self.recipe.train.seed, epoch, index)
             pixels = render_views(pixels, draw_views(len(pixels), pixels.shape[-1], self.augment, generator),
                                   self.augment)
-        with self.policy.autocast():
-            teacher_logits = self._teacher_logits(batch, pixels)
-        return resize_for(pixels, size), teacher_logits
+        return resize_for(pixels, size), self._teacher_logits(batch, pixels)
 
     def _step(self, batch: Batch, epoch: int, index: int) -> tuple[float, int, int]:
         """One optimizer step; returns the batch's loss and how many of its labelled images the model got right."""
@@ -337,8 +339,8 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist, train_split)
     if teacher is not None:
         with dist.node_main_first():
-            trainer.teacher_logits, trainer.views = prepare_teacher(recipe, dataset, teacher, device,
-                                                                    trainer.train_split)
+            trainer.teacher_logits, trainer.views, trainer.teacher_forward = prepare_teacher(
+                recipe, dataset, teacher, device, trainer.train_split, ((last or {}).get("teacher") or {}).get("forward"))
     if last is not None:
         restore(trainer, last, run_dir)
     else:
