@@ -189,7 +189,13 @@ class StopAtBatch(Callbacks):
     ("distill", ["augment.crop=resized", "augment.flip=true", "augment.color_jitter=0.2", "augment.render_size=24",
                  "distill.teacher_views=2", "distill.teacher_forward=onnxruntime", "train.scheduler=cosine",
                  "train.ema_decay=0.9"]),
-], ids=["train-plus", "distill-plus", "distill-teacher-views"])
+    # Function matching: mixed views (mixup and cutmix, one or the other per batch) and a live teacher, a
+    # label term (alpha 0.5) on the mixed labels; partners and λ come from (seed, epoch, batch).
+    ("distill", ["augment.crop=resized", "augment.flip=true", "augment.render_size=24",
+                 "augment.mixup_probability=0.5", "augment.cutmix_probability=0.5",
+                 "distill.teacher_forward=onnxruntime", "distill.temperature=1"]),
+    ("train", ["augment.mixup_probability=1.0", "train.scheduler=cosine"]),
+], ids=["train-plus", "distill-plus", "distill-teacher-views", "distill-mixing-live", "train-mixup"])
 def test_a_run_stopped_mid_epoch_resumes_from_that_batch_bit_for_bit(tmp_path, teacher_recipe, student_recipe,
                                                                     mode, extra):
     recipe_path = teacher_recipe if mode == "train" else student_recipe

@@ -72,11 +72,13 @@ class EpochProgress:
     labelled: int = 0
     seen: int = 0
     train_seconds: float = 0.0
+    agreed: int = 0  # images whose student top-1 matched the teacher's (fidelity on training views)
 
-    def add(self, index: int, loss: float, images: int, correct: int, labelled: int) -> None:
+    def add(self, index: int, loss: float, images: int, correct: int, labelled: int, agreed: int = 0) -> None:
         self.next_batch = index + 1
         self.total_loss += loss * images
         self.correct += correct
         self.labelled += labelled
         self.seen += images
+        self.agreed += agreed
 

@@ -172,7 +172,7 @@ def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Spl
         return fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
                                recipe.distill.teacher_forward, earlier)
 
-    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, store_id, recipe.augment,
+    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, store_id, recipe.augment.views,
                          split.images.shape[1], meta["image_size"], recipe.distill.teacher_views,
                          recipe.distill.teacher_views_seed, recipe.train.seed, cache_root)
 

@@ -25,7 +25,8 @@ from edgekd.models import (Classifier, create_model, freeze_backbone, load_pretr
 from edgekd.recipe import Recipe, dump_recipe
 from edgekd.runs import MetricsLog, atomic_write_text, interrupts_deferred
 from edgekd.train import distributed
-from edgekd.train.augment import batch_generator, draw_views, render_views, resize_for
+from edgekd.train.augment import (Mix, batch_generator, draw_mix, draw_views, mix_generator, mix_pixels, render_views,
+                                  resize_for)
 from edgekd.train.batches import Batch, batch_count, iter_batches
 from edgekd.train.checkpoint import describe_model, read_checkpoint, save_checkpoint
 from edgekd.train.ema import WeightAverage
@@ -141,8 +142,8 @@ class Trainer:
                                                    epoch=epoch, drop_last=True, start=first,
                                                    shard=(self.dist.rank, self.dist.world)), start=first):
             step_start = time.perf_counter()
-            loss, batch_correct, batch_labelled = self._step(batch, epoch, index)
-            progress.add(index, loss, len(batch.rows), batch_correct, batch_labelled)
+            loss, *counts = self._step(batch, epoch, index)
+            progress.add(index, loss, len(batch.rows), *counts)
             self.callbacks.on_batch(len(batch.rows), loss)
             # the last batch counts the validation still to come: the epoch's own save follows it
             ahead = time.perf_counter() - step_start + (self.validate_seconds if index + 1 == batches else 0.0)
@@ -150,16 +151,18 @@ class Trainer:
                 progress.train_seconds = earlier_seconds + time.perf_counter() - start
                 self._save_mid_epoch(progress)
         train_seconds = earlier_seconds + time.perf_counter() - start
-        total_loss, correct, labelled, seen = self.dist.sum(progress.total_loss, progress.correct,
-                                                            progress.labelled, progress.seen)
+        total_loss, correct, labelled, seen, agreed = self.dist.sum(
+            progress.total_loss, progress.correct, progress.labelled, progress.seen, progress.agreed)
         distributed.sync_buffers(self.model, self.dist)
         if self.scheduler is not None and not self.per_batch_schedule:
             self.scheduler.step()
         validate_start = time.perf_counter()
         val = self.dist.broadcast(self._validate() if self.dist.main else None)
         self.validate_seconds = time.perf_counter() - validate_start
-        # train_acc: on the (augmented) training batches as the weights moved during the epoch.
+        # train_acc: on the (augmented) training batches as the weights moved during the epoch; with a
+        # teacher, train_agreement: how often the student's top-1 was the teacher's on those views (fidelity)
         return {"epoch": epoch, "train_loss": total_loss / seen, "train_acc": correct / max(labelled, 1),
+                "train_agreement": agreed / seen if self.teacher_model is not None else None,
                 "val_loss": val.loss, "val_acc": val.accuracy,
                 "lr": self.optimizer.param_groups[-1]["lr"], "seconds": earlier_seconds + time.perf_counter() - start,
                 "train_seconds": train_seconds, "images_per_s": seen / train_seconds,
@@ -187,8 +190,9 @@ class Trainer:
     def _save_mid_epoch(self, progress: EpochProgress) -> None:
         started = time.monotonic()
         if self.dist.active:  # the epoch's sums so far, over every rank; rank 0's state is the run's
-            sums = self.dist.sum(progress.total_loss, progress.correct, progress.labelled, progress.seen)
-            progress = dataclasses.replace(progress, **dict(zip(("total_loss", "correct", "labelled", "seen"), sums)))
+            names = ("total_loss", "correct", "labelled", "seen", "agreed")
+            sums = self.dist.sum(*(getattr(progress, name) for name in names))
+            progress = dataclasses.replace(progress, **dict(zip(names, sums)))
             if not self.dist.main:
                 self._record_save(progress.epoch, progress.next_batch, started)
                 return
@@ -209,38 +213,43 @@ class Trainer:
             return evaluate_model(self.eval_model, self.dataset.splits["val"], self.dataset.class_names,
                                   self.recipe.train.batch_size, self.device)
 
-    def _teacher_logits(self, batch: Batch, pixels: torch.Tensor) -> torch.Tensor | None:
+    def _teacher_logits(self, batch: Batch, pixels: torch.Tensor, mix: Mix | None) -> torch.Tensor | None:
         if self.teacher_logits is not None:
             return torch.from_numpy(self.teacher_logits[batch.rows].astype(np.float32)).to(self.device)
         if self.teacher_model is None:
             return None
         # pixels: the view at the resolution it was rendered at; a teacher of another size gets it resized
-        pixels = resize_for(pixels, self.teacher_meta["image_size"])
+        pixels = mix_pixels(resize_for(pixels, self.teacher_meta["image_size"]), mix)  # the student's mix
         if self.teacher_forward is not None:  # it runs in its own precision, outside the student's autocast
             return self.teacher_forward.run(pixels).to(self.device).clone()  # clone: not an inference tensor
         with torch.no_grad(), self.policy.autocast():
             return self.teacher_model(pixels)
 
-    def _inputs(self, batch: Batch, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The student's pixels at its own size and the teacher's logits for the same view (or None)."""
+    def _inputs(self, batch: Batch, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None, Mix | None]:
+        """The student's pixels at its own size, the teacher's logits for the same view (or None), and the
+        batch's mix (mixup/cutmix: the same for both, drawn from (seed, epoch, batch); None: unmixed)."""
         pixels = batch.pixels.to(self.device, non_blocking=True)
         size = self.dataset.image_size
         if self.views is not None:
             views, logits = self.views.views(batch.rows, epoch)
-            return render_views(pixels, views, self.augment, size), logits.to(self.device)
+            return render_views(pixels, views, self.augment, size), logits.to(self.device), None
+        mix = None
         if self.augment is not None:
-            generator = batch_generator(self.recipe.train.seed, epoch, index)
-            pixels = render_views(pixels, draw_views(len(pixels), pixels.shape[-1], self.augment, generator),
-                                  self.augment)
-        return resize_for(pixels, size), self._teacher_logits(batch, pixels)
+            seed = self.recipe.train.seed
+            views = draw_views(len(pixels), pixels.shape[-1], self.augment, batch_generator(seed, epoch, index))
+            pixels = render_views(pixels, views, self.augment)
+            mix = draw_mix(len(pixels), size, self.augment, mix_generator(seed, epoch, index))
+        return mix_pixels(resize_for(pixels, size), mix), self._teacher_logits(batch, pixels, mix), mix
 
-    def _step(self, batch: Batch, epoch: int, index: int) -> tuple[float, int, int]:
-        """One optimizer step; returns the batch's loss and how many of its labelled images the model got right."""
+    def _step(self, batch: Batch, epoch: int, index: int) -> tuple[float, int, int, int]:
+        """One optimizer step; returns the batch's loss, how many of its labelled images the model got right,
+        how many labelled images it had, and on how many the model's top-1 was the teacher's."""
         labels = batch.labels.to(self.device)
-        pixels, teacher_logits = self._inputs(batch, epoch, index)
+        pixels, teacher_logits, mix = self._inputs(batch, epoch, index)
         with self.policy.autocast():
             logits = self.train_model(pixels)
-        loss = self._loss(logits, teacher_logits, labels, epoch, index)
+        mixed = (labels[mix.partners.to(self.device)], mix.lam) if mix is not None else None
+        loss = self._loss(logits, teacher_logits, labels, epoch, index, mixed)
         value = float(loss.detach())
         self._stop_if_diverged(value, epoch, index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -250,7 +259,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         known = labels >= 0  # unlabeled photos (label -1) count in the loss only, through the teacher
-        return value, int((logits.detach().argmax(1) == labels)[known].sum()), int(known.sum())
+        top = logits.detach().argmax(1)
+        agreed = int((top == teacher_logits.argmax(1)).sum()) if teacher_logits is not None else 0
+        return value, int((top == labels)[known].sum()), int(known.sum()), agreed
 
     def _stop_if_diverged(self, loss: float, epoch: int, index: int, what: str = "training loss") -> None:
         """A NaN or infinite loss ends the run now: every later step, checkpoint and export would carry it.
@@ -265,14 +276,14 @@ class Trainer:
                               hint=f"lower train.lr (now {self.recipe.train.lr:g}), set train.grad_clip, or train "
                                    "in fp32; the run is marked failed and keeps the checkpoints from before")
 
-    def _loss(self, logits, teacher_logits, labels, epoch: int, index: int) -> torch.Tensor:
+    def _loss(self, logits, teacher_logits, labels, epoch: int, index: int, mixed=None) -> torch.Tensor:
         # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
         smoothing = self.recipe.train.label_smoothing
         if teacher_logits is None:
-            return ce_loss(logits, labels, smoothing)
+            return ce_loss(logits, labels, smoothing, mixed)
         warmup = self.recipe.distill.warmup_epochs
         ramp = min(1.0, (epoch - 1 + (index + 1) / self.batches_per_epoch) / warmup) if warmup > 0 else 1.0
-        return distill_loss(logits, teacher_logits, labels, self.recipe.distill, smoothing, ramp)
+        return distill_loss(logits, teacher_logits, labels, self.recipe.distill, smoothing, ramp, mixed)
 
     def _finish_epoch(self, record: dict) -> None:
         self._stop_if_diverged(record["val_loss"], record["epoch"], -1, "validation loss")
@@ -339,8 +350,9 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist, train_split)
     if teacher is not None:
         with dist.node_main_first():
+            earlier = ((last or {}).get("teacher") or {}).get("forward")  # a resume teaches as it began
             trainer.teacher_logits, trainer.views, trainer.teacher_forward = prepare_teacher(
-                recipe, dataset, teacher, device, trainer.train_split, ((last or {}).get("teacher") or {}).get("forward"))
+                recipe, dataset, teacher, device, trainer.train_split, earlier)
     if last is not None:
         restore(trainer, last, run_dir)
     else:
