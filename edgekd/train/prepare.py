@@ -1,5 +1,6 @@
 """What a run settles before its loop: everything that can be refused, refused before any image is decoded;
-the input normalisation a new model is built with; the photos batches are drawn from (the render split)."""
+the input normalisation a new model is built with; the photos batches are drawn from (the render split);
+where the teacher's logits come from, the same on every process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from edgekd.data import Dataset, Split, channel_stats, open_dataset
+from edgekd.data import Dataset, RowStore, Split, channel_stats, open_dataset
 from edgekd.errors import DataError, RecipeError
 from edgekd.models import pretrained_normalisation, resolve_pretrained
 from edgekd.models.pretrained import read_state
@@ -18,7 +19,9 @@ from edgekd.runs import check_writable, latest_run_dir
 from edgekd.train import distributed
 from edgekd.train.precision import bitsandbytes_module, make_policy
 from edgekd.train.run_folder import check_resumable
-from edgekd.train.teacher import resolve_teachers
+from edgekd.train.teacher import Teacher, prepare_teacher, resolve_teachers
+from edgekd.train.teacher_forward import TeacherForward
+from edgekd.train.teacher_views import TeacherViews
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +77,18 @@ def check_before_work(recipe: Recipe, mode: str, artifacts: Path, dist: distribu
         if resume:
             check_resumable(recipe, latest_run_dir(artifacts, recipe.name))
 
+
+
+def teacher_sources(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device, split: Split,
+                    last: dict | None, dist: distributed.Distributed
+                    ) -> tuple[RowStore | None, TeacherViews | None, TeacherForward | None]:
+    """teacher.prepare_teacher on every process (node-main first: it decodes and fills for the others); a
+    resumed run teaches with the forward pass its first attempt used, and under DDP every rank with rank 0's."""
+    earlier = ((last or {}).get("teacher") or {}).get("forward")
+    with dist.node_main_first():
+        logits, views, forward = prepare_teacher(recipe, dataset, teacher, device, split, earlier)
+    if forward is not None and dist.active:
+        chosen = dist.broadcast(forward.name)
+        if chosen != forward.name:
+            forward = prepare_teacher(recipe, dataset, teacher, device, split, chosen)[2]
+    return logits, views, forward

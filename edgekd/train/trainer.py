@@ -33,11 +33,11 @@ from edgekd.train.ema import WeightAverage
 from edgekd.train.losses import ce_loss, distill_loss
 from edgekd.train.optim import make_optimizer, make_scheduler, parameter_groups, seed_everything
 from edgekd.train.precision import PrecisionPolicy, make_policy
-from edgekd.train.prepare import check_before_work, input_normalisation, render_split
+from edgekd.train.prepare import check_before_work, input_normalisation, render_split, teacher_sources
 from edgekd.train.progress import Callbacks, EarlyStopping, EpochProgress, Silent
 from edgekd.train.record import checkpoint_payload, restore, start_info, write_summary
 from edgekd.train.run_folder import claim_run_dir, now, record_setup_failure
-from edgekd.train.teacher import Teacher, load_teacher, prepare_teacher
+from edgekd.train.teacher import Teacher, load_teacher
 from edgekd.train.teacher_forward import TeacherForward
 from edgekd.train.teacher_views import TeacherViews
 
@@ -349,10 +349,8 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
         train_split = render_split(recipe, dataset)
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist, train_split)
     if teacher is not None:
-        with dist.node_main_first():
-            earlier = ((last or {}).get("teacher") or {}).get("forward")  # a resume teaches as it began
-            trainer.teacher_logits, trainer.views, trainer.teacher_forward = prepare_teacher(
-                recipe, dataset, teacher, device, trainer.train_split, earlier)
+        trainer.teacher_logits, trainer.views, trainer.teacher_forward = teacher_sources(
+            recipe, dataset, teacher, device, trainer.train_split, last, dist)
     if last is not None:
         restore(trainer, last, run_dir)
     else:
