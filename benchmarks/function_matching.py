@@ -130,7 +130,7 @@ def table(args, teacher_acc: float | None, results: dict[tuple[str, str], list[d
     teacher = f"{100 * teacher_acc:.2f}%" if teacher_acc is not None else "?"
     lines = [f"full seg_train at {args.data}, val = 10% held out (split_seed 0); teacher {teacher} (its best.pt), "
              f"students 64 px, {args.precision}; accuracy %, mean ± half-range over seeds", "",
-             "| schedule | row | seeds | val acc (last) | best val acc | gap closed | fidelity (train views) | "
+             "| schedule | row | seeds | val acc (last) | best val acc | gap closed | fidelity % (train views) | "
              "cost per epoch × no KD | wall time |", "|---|---|---|---|---|---|---|---|---|"]
     for schedule in schedules:
         floor = results.get((schedule.key, "nokd"))
