@@ -12,7 +12,10 @@ recipes/intel_8block_lite0.yaml at 64 px. Same student, epochs, batch, optimizer
   plain loop     torchvision ImageFolder + DataLoader decoding every JPEG every epoch, the same random
                  crop/flip/colour jitter at 150 px, the teacher (PyTorch fp32) on every batch, the student
                  on that batch resized to 64 px, fp32 (what seeds 000 and 001 do)
-  per-batch      edgekd distill with the teacher on every batch (distill.teacher_views: null)
+  per-batch      edgekd distill with the PyTorch teacher on every batch (distill.teacher_views: null,
+                 distill.teacher_forward: torch)
+  live           edgekd distill with the teacher on every batch on its fastest forward here (measured once
+                 before the loop, as the fill's: OpenVINO bf16, onnxruntime, PyTorch; the table names it)
   views K        edgekd distill with K stored teacher views per photo (K = 2, 4, 8); the fill runs once
                  per K and is shared by the seeds (it is keyed by the views' seed, not the student's)
   no teacher     edgekd train: the floor, training the student alone
@@ -40,15 +43,17 @@ RECIPE = REPO / "recipes" / "intel_8block_lite0.yaml"
 DONE = {"finished", "early_stopped"}
 ROWS = {  # key: (label, edgekd command, overrides)
     "plain": ("plain loop: ImageFolder + DataLoader, teacher every batch, fp32", None, ()),
-    "per_batch": ("edgekd, teacher on every batch", "distill", ("distill.teacher_views=null",)),
+    "per_batch": ("edgekd, teacher on every batch, PyTorch", "distill",
+                  ("distill.teacher_views=null", "distill.teacher_forward=torch")),
+    "live": ("edgekd, live teacher on its fastest forward", "distill", ("distill.teacher_views=null",)),
     "views2": ("edgekd, teacher views K=2", "distill", ("distill.teacher_views=2",)),
     "views4": ("edgekd, teacher views K=4", "distill", ("distill.teacher_views=4",)),
     "views8": ("edgekd, teacher views K=8", "distill", ("distill.teacher_views=8",)),
     "no_teacher": ("edgekd, no teacher (the floor)", "train", ()),
 }
 # seed 0 of every row first, so an interrupted benchmark still has one full column of rows
-ORDER = [("no_teacher", 0), ("views4", 0), ("views2", 0), ("views8", 0), ("per_batch", 0), ("plain", 0),
-         ("no_teacher", 1), ("views4", 1), ("views2", 1), ("per_batch", 1), ("views8", 1)]
+ORDER = [("no_teacher", 0), ("live", 0), ("views4", 0), ("views2", 0), ("views8", 0), ("per_batch", 0), ("plain", 0),
+         ("no_teacher", 1), ("live", 1), ("views4", 1), ("views2", 1), ("per_batch", 1), ("views8", 1)]
 
 
 def _state(artifacts: Path) -> dict:
@@ -73,7 +78,7 @@ def edgekd_row(args, state: dict, key: str, seed: int) -> dict:
     if not summary or summary["status"] not in DONE:
         _, command, extra = ROWS[key]
         overrides = [f"name={name}", f"data.root={args.data}", f"train.seed={seed}", f"train.epochs={args.epochs}",
-                     f"precision={args.precision}", *extra]
+                     f"precision={args.precision}", *extra, *args.overrides]
         if command == "distill":
             overrides += [f"teacher.checkpoint={args.teacher}", f"distill.teacher_views_seed={state['views_seed']}"]
         cmd = [sys.executable, "-m", "edgekd", "-q", command, str(RECIPE), "--artifacts", str(args.artifacts),
@@ -87,7 +92,8 @@ def edgekd_row(args, state: dict, key: str, seed: int) -> dict:
     return {"wall_seconds": json.loads(wall_path.read_text())["seconds"],
             "epoch_seconds": [r["seconds"] for r in records], "last_val_acc": records[-1]["val_acc"],
             "best_val_acc": max(r["val_acc"] for r in records), "fill_seconds": fill.get("seconds"),
-            "fill_views": fill.get("views"), "fill_forward": fill.get("forward")}
+            "fill_views": fill.get("views"), "fill_forward": fill.get("forward"),
+            "teacher_forward": (summary.get("teacher") or {}).get("forward")}
 
 
 def plain_loop(args, seed: int) -> dict:
@@ -178,8 +184,9 @@ def table(args, results: dict[str, list[dict]]) -> str:
     lines = [f"{args.epochs} epochs, 8-block student at 64 px ({args.precision}), teacher {args.teacher} at 150 px, "
              f"full seg_train (val: 10% held out); accuracy: last epoch, mean ± half-range over seeds",
              "", f"| row | seeds | fill s | s per epoch | {args.epochs}-epoch run s (fill included) | "
-             f"× no teacher | × plain loop | {args.project}-epoch projection s (× no teacher) | val acc % | best val acc % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"× no teacher | × plain loop | s per epoch × no teacher | {args.project}-epoch projection s "
+             "(× no teacher) | val acc % | best val acc % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in ROWS:
         if key not in results:
             continue
@@ -188,8 +195,11 @@ def table(args, results: dict[str, list[dict]]) -> str:
         versus_plain = f"{cost['wall'] / plain['wall']:.2f}" if plain else "–"
         projection = f"{cost['projected']:.0f}" + (f" ({cost['projected'] / floor['projected']:.2f})" if floor else "")
         fill = f"{cost['fill']:.0f} ({runs[0]['fill_forward']})" if cost["fill"] else "–"
+        if runs[0].get("teacher_forward"):  # the live teacher's forward pass, in place of a fill
+            fill = f"– (live: {runs[0]['teacher_forward']})"
+        per_epoch = f"{cost['per_epoch'] / floor['per_epoch']:.2f}" if floor else "–"
         lines.append(f"| {ROWS[key][0]} | {len(runs)} | {fill} | {cost['per_epoch']:.1f} | {cost['wall']:.0f} | "
-                     f"{versus_floor} | {versus_plain} | {projection} | "
+                     f"{versus_floor} | {versus_plain} | {per_epoch} | {projection} | "
                      f"{_accuracy([r['last_val_acc'] for r in runs])} | {_accuracy([r['best_val_acc'] for r in runs])} |")
     return "\n".join(lines)
 
@@ -204,6 +214,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="students' precision (default: bf16 where native, "
                                                           "else fp32)")
     parser.add_argument("--only", nargs="*", help="row keys to run (default: all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every edgekd row (a quick check: data.max_per_class=20)")
     args = parser.parse_args()
     args.data, args.teacher = str(Path(args.data).resolve()), str(Path(args.teacher).resolve())
     args.artifacts = args.artifacts.resolve()

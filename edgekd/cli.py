@@ -125,6 +125,8 @@ def _progress_callbacks(quiet: bool):
             click.echo(f"model     {info['model']}: {info['parameters']:,} parameters")
             if info["teacher"]:
                 click.echo(f"teacher   {info['teacher']}")
+            if info.get("teacher_forward"):
+                click.echo(f"          runs live on every batch: {info['teacher_forward']}, the fastest here")
             if info["distributed"]["world_size"] > 1:
                 d = info["distributed"]
                 click.echo(f"processes {d['world_size']} ({d['backend']}, {d['processes_per_node']} per node; "

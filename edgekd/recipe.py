@@ -142,8 +142,8 @@ class TrainConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Random augmentation of training batches (off by default: the seeds use none)."""
+class ViewConfig:
+    """The random view of each photo (crop, flip, colour): what stored teacher views are drawn and keyed by."""
     # resized: random crop of crop_scale..1 of the area, aspect 3/4..4/3, resized back (Inception style).
     # pad: shift by up to pad_fraction of the side, edges reflected (pad-and-crop, CIFAR style).
     crop: str = field(default="none", metadata=_choices("none", "resized", "pad"))
@@ -160,6 +160,33 @@ class AugmentConfig:
     @property
     def active(self) -> bool:
         return self.crop != "none" or self.flip or self.color_jitter > 0
+
+
+@dataclass
+class AugmentConfig(ViewConfig):
+    """Random augmentation of training batches (off by default: the seeds use none): views, then mixing."""
+    # Mixing (function matching, Beyer et al. 2022): with this probability per batch, each image is mixed
+    # with a partner from the same batch, the same mix for the teacher's view and the student's. mixup
+    # blends the two, λ ~ Beta(alpha, alpha); cutmix pastes a box of the partner, of area 1 - λ. Both
+    # set: one or the other per batch (their probabilities sum to at most 1). A label term learns
+    # λ·CE(own label) + (1 - λ)·CE(partner's label).
+    mixup_alpha: float = field(default=1.0, metadata=_at_most(100, _POSITIVE))
+    mixup_probability: float = field(default=0.0, metadata=_between(0, 1))
+    cutmix_alpha: float = field(default=1.0, metadata=_at_most(100, _POSITIVE))
+    cutmix_probability: float = field(default=0.0, metadata=_between(0, 1))
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup_probability > 0 or self.cutmix_probability > 0
+
+    @property
+    def active(self) -> bool:
+        return super().active or self.mixing
+
+    @property
+    def views(self) -> ViewConfig:
+        """The view fields alone: stored teacher views (never mixed) keep the keys they had before mixing."""
+        return ViewConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ViewConfig)})
 
 
 @dataclass
@@ -381,6 +408,24 @@ def _check_combinations(recipe: Recipe, origin: str) -> None:
     if train.warmup_epochs and train.scheduler == "step":
         raise RecipeError(f"{origin}: train.warmup_epochs works with scheduler none or cosine, not step",
                           hint="--set train.scheduler=cosine, or --set train.warmup_epochs=0")
+    _check_mixing(recipe, origin)
+
+
+def _check_mixing(recipe: Recipe, origin: str) -> None:
+    augment = recipe.augment
+    if augment.mixup_probability + augment.cutmix_probability > 1:
+        raise RecipeError(f"{origin}: augment.mixup_probability + augment.cutmix_probability is more than 1 "
+                          f"({augment.mixup_probability:g} + {augment.cutmix_probability:g})",
+                          hint="each batch is mixed up or cut-mixed, not both: make them sum to at most 1")
+    if not augment.mixing:
+        return
+    if recipe.distill.teacher_views:
+        raise RecipeError(f"{origin}: mixup/cutmix cannot use stored teacher views (distill.teacher_views "
+                          f"{recipe.distill.teacher_views}): the stored logits are the teacher's on unmixed views",
+                          hint="let the teacher run live on each mixed batch: --set distill.teacher_views=null")
+    if recipe.distill.method == "dkd":
+        raise RecipeError(f"{origin}: distill.method dkd splits off one target class, which a mixed image has not",
+                          hint="use distill.method kd (function matching: KL alone) or dist with mixing")
 
 
 def section_from_mapping(cls, raw: Any, where: str):

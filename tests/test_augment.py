@@ -53,3 +53,39 @@ def test_augmentation_depends_only_on_seed_epoch_and_batch(config):
     torch.testing.assert_close(augment_batch(x, config, batch_generator(1, 2, 3)), first, rtol=0, atol=0)
     assert not torch.equal(augment_batch(x, config, batch_generator(1, 3, 3)), first)
     assert not torch.equal(augment_batch(x, config, batch_generator(1, 2, 4)), first)
+
+
+# ----- mixing (function matching) ------------------------------------------------------------------------
+
+def test_mixup_blends_each_image_with_its_partner_and_cutmix_pastes_a_box_at_each_resolution():
+    from edgekd.train.augment import draw_mix, mix_generator, mix_pixels
+
+    pixels = torch.rand(6, 3, 20, 20) * 255
+    mixup = draw_mix(6, 20, AugmentConfig(mixup_probability=1.0), mix_generator(0, 1, 2))
+    assert mixup.box is None and 0 < mixup.lam < 1 and sorted(mixup.partners.tolist()) == list(range(6))
+    expected = mixup.lam * pixels + (1 - mixup.lam) * pixels[mixup.partners]
+    torch.testing.assert_close(mix_pixels(pixels, mixup), expected)
+
+    cutmix = draw_mix(6, 10, AugmentConfig(cutmix_probability=1.0, cutmix_alpha=2.0), mix_generator(0, 1, 3))
+    top, bottom, left, right = (round(edge * 20) for edge in cutmix.box)  # snapped at 10 px, scaled to 20
+    assert 0 < (bottom - top) * (right - left) < 400
+    assert cutmix.lam == pytest.approx(1 - (bottom - top) * (right - left) / 400)
+    mixed = mix_pixels(pixels, cutmix)
+    inside = torch.zeros(20, 20, dtype=torch.bool)
+    inside[top:bottom, left:right] = True
+    torch.testing.assert_close(mixed[..., inside], pixels[cutmix.partners][..., inside])
+    torch.testing.assert_close(mixed[..., ~inside], pixels[..., ~inside])
+
+
+def test_the_mix_depends_only_on_seed_epoch_and_batch_never_on_the_global_rng():
+    from edgekd.train.augment import draw_mix, mix_generator
+
+    config = AugmentConfig(mixup_probability=0.5, cutmix_probability=0.5)
+    first = draw_mix(8, 16, config, mix_generator(3, 2, 5))
+    torch.manual_seed(123)
+    again = draw_mix(8, 16, config, mix_generator(3, 2, 5))
+    assert torch.equal(first.partners, again.partners) and (first.lam, first.box) == (again.lam, again.box)
+    others = [draw_mix(8, 16, config, mix_generator(3, 2, b)) for b in range(6)]
+    assert len({(m.lam, m.box) for m in others}) == 6  # each batch its own
+    assert {m.box is None for m in others} == {True, False}  # both kinds drawn at 0.5 each
+    assert draw_mix(8, 16, AugmentConfig(mixup_probability=0.0), mix_generator(0, 1, 0)) is None

@@ -183,3 +183,28 @@ def test_without_unlabeled_rows_the_losses_are_bit_identical_to_the_plain_formul
                                           reduction="batchmean", log_target=True)
     plain = 0.5 * 4.0 * plain_kl + 0.5 * torch.nn.functional.cross_entropy(s, y)
     assert torch.equal(kd_loss(s, t, y, 2.0, 0.5), plain)
+
+
+def test_a_mixed_label_term_weighs_both_labels_and_never_feeds_an_unlabeled_one_to_the_ce():
+    import torch.nn.functional as F
+
+    from edgekd.train.losses import mixed_ce_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3)
+    own, partner = torch.tensor([0, 1, 2, 1]), torch.tensor([2, 0, 1, 1])
+    both = 0.7 * F.cross_entropy(logits, own) + 0.3 * F.cross_entropy(logits, partner)
+    torch.testing.assert_close(ce_loss(logits, own, mixed=(partner, 0.7)), both)
+    # row 1's partner and row 3 itself are unlabeled: only the labelled sides count, each at its share
+    own_u, partner_u = torch.tensor([0, 1, 2, -1]), torch.tensor([2, -1, 1, 1])
+    ce = F.cross_entropy(logits, torch.tensor([0, 1, 2, 1]), reduction="none")
+    ce_b = F.cross_entropy(logits, torch.tensor([2, 0, 1, 1]), reduction="none")
+    expected = (0.7 * ce[:3].sum() + 0.3 * (ce_b[0] + ce_b[2] + ce_b[3])) / (0.7 * 3 + 0.3 * 3)
+    torch.testing.assert_close(mixed_ce_loss(logits, own_u, partner_u, 0.7), expected)
+    nobody = torch.full((4,), -1)
+    assert float(mixed_ce_loss(logits.requires_grad_(), nobody, nobody, 0.5).detach()) == 0.0
+    # with alpha 1 the KD loss never reaches the label term: any labels give the same loss
+    teacher = torch.randn(4, 3)
+    a = kd_loss(logits, teacher, own, 1.0, 1.0, mixed=(partner, 0.7))
+    b = kd_loss(logits, teacher, nobody, 1.0, 1.0, mixed=(torch.tensor([1, 1, 1, 1]), 0.2))
+    assert torch.equal(a, b)

@@ -189,3 +189,28 @@ def test_a_huge_file_is_not_read_as_a_recipe(tmp_path):
     (tmp_path / "r.yaml").write_bytes(b"#" * (2 << 20))
     with pytest.raises(RecipeError, match="is not a recipe"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_mixing_is_checked_when_the_recipe_loads(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tmp_path, augment={"mixup_probability": 1.0})
+    assert load_recipe(path).augment.mixing and load_recipe(path).augment.active
+    with pytest.raises(RecipeError, match="did you mean augment.mixup_alpha"):
+        load_recipe(path, ["augment.mixup_alfa=0.2"])
+    with pytest.raises(RecipeError, match=r"augment.cutmix_probability: 1.5 must be in \[0, 1\]"):
+        load_recipe(path, ["augment.cutmix_probability=1.5"])
+    with pytest.raises(RecipeError, match="augment.mixup_alpha: 0.0 must be > 0"):
+        load_recipe(path, ["augment.mixup_alpha=0"])
+    with pytest.raises(RecipeError, match=r"mixup_probability \+ augment.cutmix_probability is more than 1"):
+        load_recipe(path, ["augment.cutmix_probability=0.5"])
+    # stored views hold the teacher's logits on unmixed views: refused, naming the fix
+    with pytest.raises(RecipeError, match="cannot use stored teacher views") as err:
+        load_recipe(path, ["distill.teacher_views=4"])
+    assert "--set distill.teacher_views=null" in err.value.hint
+    with pytest.raises(RecipeError, match="dkd splits off one target class"):
+        load_recipe(path, ["distill.method=dkd"])
+    # without mixing, stored views keep the keys they had: the view fields alone, as before mixing existed
+    from dataclasses import asdict
+
+    plain = load_recipe(path, ["augment.mixup_probability=0", "augment.crop=resized", "distill.teacher_views=4"])
+    assert set(asdict(plain.augment.views)) == {"crop", "crop_scale", "pad_fraction", "flip", "color_jitter",
+                                                "render_size"}

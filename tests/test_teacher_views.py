@@ -3,6 +3,7 @@ each at its own resolution, whether the teacher runs per batch or its views are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -45,7 +46,7 @@ def _record_views(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def spy(self, batch, epoch, index):
-        teacher_model = self.teacher_model
+        teacher_model, forward = self.teacher_model, self.teacher_forward
         inputs = []
 
         class Recorder(torch.nn.Module):
@@ -54,10 +55,13 @@ def _record_views(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
                 return teacher_model(pixels)
 
         self.teacher_model = Recorder()
-        student, logits = original(self, batch, epoch, index)
-        self.teacher_model = teacher_model
+        if forward is not None:  # the live teacher's measured forward pass (teacher_forward.py)
+            self.teacher_forward = dataclasses.replace(forward, run=lambda pixels: (
+                inputs.append(pixels.detach().clone()), forward.run(pixels))[1])
+        student, logits, mix = original(self, batch, epoch, index)
+        self.teacher_model, self.teacher_forward = teacher_model, forward
         seen.append((inputs[0], student.detach().clone()))
-        return student, logits
+        return student, logits, mix
 
     original = Trainer._inputs
     monkeypatch.setattr(Trainer, "_inputs", spy)
@@ -78,6 +82,101 @@ def test_teacher_and_student_see_the_same_crop_each_at_its_own_resolution(tmp_pa
     plain = torch.from_numpy(np.array(dataset.splits["train"].images[:])).permute(0, 3, 1, 2).float()
     first_student = seen[0][1]
     assert not any(torch.allclose(view, image, atol=1) for view in first_student for image in plain)
+
+
+@pytest.mark.parametrize("mixing", [{"mixup_probability": 1.0}, {"cutmix_probability": 1.0}])
+def test_teacher_and_student_see_the_same_mixed_view(tmp_path, image_dataset, teacher, monkeypatch, mixing):
+    """Function matching: the mixed image the teacher sees at 32 px is the student's at 16 px, and it is the
+    unmixed views mixed with the partners and λ drawn from (seed, epoch, batch)."""
+    from edgekd.train.augment import draw_mix, mix_generator, mix_pixels
+
+    seen = _record_views(monkeypatch)
+    student = _student(tmp_path, image_dataset, teacher, teacher_forward="torch")
+    run(load_recipe(student), "distill", tmp_path / "plain")
+    plain = list(seen)
+    seen.clear()
+    recipe = load_recipe(student, [f"augment.{key}={value}" for key, value in mixing.items()])
+    run(recipe, "distill", tmp_path / "mixed")
+    assert len(seen) == len(plain) == 4
+    for index, ((teacher_view, student_view), (_, unmixed)) in enumerate(zip(seen, plain)):
+        assert teacher_view.shape[-1] == 32 and student_view.shape[-1] == 16
+        mix = draw_mix(12, 16, recipe.augment, mix_generator(0, 1, index))
+        torch.testing.assert_close(student_view, mix_pixels(unmixed, mix))
+        assert not torch.allclose(student_view, unmixed, atol=1)  # mixed indeed
+        shrunk = _shrink(teacher_view, 16)
+        if mix.box is None:
+            torch.testing.assert_close(student_view, shrunk, atol=1e-3, rtol=0)
+        else:  # a box edge blurs where the 32 px image is shrunk: close on average, equal away from edges
+            assert (student_view - shrunk).abs().mean() < 2.0
+            assert ((student_view - shrunk).abs() < 1e-3).float().mean() > 0.5
+
+
+def _record_label_terms(monkeypatch) -> list:
+    """Each training batch's call of the label term: (labels, mixed)."""
+    from edgekd.train import losses
+    from edgekd.train import trainer as trainer_module
+
+    calls, real = [], losses.ce_loss
+
+    def recording(logits, targets, label_smoothing=0.0, mixed=None):
+        if torch.is_grad_enabled():  # training batches only: validation runs under no_grad
+            calls.append((targets.clone(), mixed))
+        return real(logits, targets, label_smoothing, mixed)
+
+    monkeypatch.setattr(losses, "ce_loss", recording)
+    monkeypatch.setattr(trainer_module, "ce_loss", recording)
+    return calls
+
+
+def test_the_mixed_labels_reach_the_label_term_only_when_alpha_is_below_one(tmp_path, image_dataset, teacher,
+                                                                            monkeypatch):
+    calls = _record_label_terms(monkeypatch)
+    student = _student(tmp_path, image_dataset, teacher, teacher_forward="torch")
+    mixup = ["augment.mixup_probability=1.0"]
+    pure = run(load_recipe(student, [*mixup, "distill.alpha=1.0"]), "distill", tmp_path / "a")
+    assert calls == []  # KL alone: no label is ever read
+    run(load_recipe(student, [*mixup, "distill.alpha=0.5"]), "distill", tmp_path / "b")
+    assert len(calls) == 4
+    for labels, (partner_labels, lam) in calls:
+        assert 0 < lam < 1 and sorted(partner_labels.tolist()) == sorted(labels.tolist())
+        assert not torch.equal(partner_labels, labels)
+    # `edgekd train` (no teacher) learns the mixed labels too
+    calls.clear()
+    run(load_recipe(student, mixup), "train", tmp_path / "c")
+    assert len(calls) == 4 and all(mixed is not None for _, mixed in calls)
+    assert pure["loss"].startswith("kd: 1*T^2*KL")
+
+
+def test_the_live_teacher_runs_on_the_forward_the_run_reports(tmp_path, image_dataset, teacher, monkeypatch):
+    """The per-batch teacher is the forward pass chosen once before the loop, named in the run's summary; a
+    resumed run asks for the one its first attempt taught with."""
+    from edgekd.train import teacher as teacher_module
+    from edgekd.train.checkpoint import load_model
+    from edgekd.train.teacher_forward import TeacherForward
+
+    model, _ = load_model(teacher)
+    calls, asked = [], []
+
+    def fake_fastest(model_, meta, device, probe, folder, choice="auto", earlier=None):
+        asked.append((tuple(probe.shape), earlier))
+
+        def run_(pixels):
+            calls.append(tuple(pixels.shape))
+            with torch.no_grad():
+                return model(pixels).float()
+        return TeacherForward("recording fake (test)", run_)
+
+    monkeypatch.setattr(teacher_module, "fastest_forward", fake_fastest)
+    recipe = _student(tmp_path, image_dataset, teacher)
+    summary = run(load_recipe(recipe), "distill", tmp_path / "artifacts")
+    assert summary["teacher"]["forward"] == "recording fake (test)"
+    batches = json.loads(Path(tmp_path / "artifacts" / "small_student" / "summary.json").read_text())
+    assert batches["teacher"]["forward"] == "recording fake (test)"
+    assert asked == [((12, 3, 32, 32), None)]  # chosen once, on real views at the teacher's size
+    assert len(calls) == 4 and all(shape == (12, 3, 32, 32) for shape in calls)  # every batch, at 32 px
+    summary = run(load_recipe(recipe, ["train.epochs=2"]), "distill", tmp_path / "artifacts", resume=True)
+    assert asked[-1] == ((12, 3, 32, 32), "recording fake (test)") and len(calls) == 8
+    assert summary["epochs_done"] == 2 and summary["teacher"]["forward"] == "recording fake (test)"
 
 
 def test_stored_views_are_the_crops_the_teacher_saw(tmp_path, image_dataset, teacher):

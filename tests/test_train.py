@@ -189,7 +189,13 @@ class StopAtBatch(Callbacks):
     ("distill", ["augment.crop=resized", "augment.flip=true", "augment.color_jitter=0.2", "augment.render_size=24",
                  "distill.teacher_views=2", "distill.teacher_forward=onnxruntime", "train.scheduler=cosine",
                  "train.ema_decay=0.9"]),
-], ids=["train-plus", "distill-plus", "distill-teacher-views"])
+    # Function matching: mixed views (mixup and cutmix, one or the other per batch) and a live teacher, a
+    # label term (alpha 0.5) on the mixed labels; partners and λ come from (seed, epoch, batch).
+    ("distill", ["augment.crop=resized", "augment.flip=true", "augment.render_size=24",
+                 "augment.mixup_probability=0.5", "augment.cutmix_probability=0.5",
+                 "distill.teacher_forward=onnxruntime", "distill.temperature=1"]),
+    ("train", ["augment.mixup_probability=1.0", "train.scheduler=cosine"]),
+], ids=["train-plus", "distill-plus", "distill-teacher-views", "distill-mixing-live", "train-mixup"])
 def test_a_run_stopped_mid_epoch_resumes_from_that_batch_bit_for_bit(tmp_path, teacher_recipe, student_recipe,
                                                                     mode, extra):
     recipe_path = teacher_recipe if mode == "train" else student_recipe
@@ -453,19 +459,19 @@ def test_retrying_a_run_that_failed_before_any_epoch_takes_its_folder(tmp_path, 
     import edgekd.train.trainer as trainer_module
     from edgekd.errors import DataError
 
-    real = trainer_module._render_split
+    real = trainer_module.render_split
 
     def broken(recipe, dataset):
         raise DataError("the photos moved")
 
     artifacts = tmp_path / "artifacts"
-    monkeypatch.setattr(trainer_module, "_render_split", broken)
+    monkeypatch.setattr(trainer_module, "render_split", broken)
     for _ in range(2):
         with pytest.raises(DataError):
             run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)
     assert [p.name for p in artifacts.iterdir()] == ["tiny_teacher"]
     assert json.loads((artifacts / "tiny_teacher" / "summary.json").read_text())["status"] == "failed"
-    monkeypatch.setattr(trainer_module, "_render_split", real)
+    monkeypatch.setattr(trainer_module, "render_split", real)
     assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher"
     # a run with finished epochs is never taken over by the next one
     assert run(load_recipe(teacher_recipe, ["train.epochs=1"]), "train", artifacts)["run"] == "tiny_teacher-2"

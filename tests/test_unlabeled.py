@@ -190,10 +190,10 @@ def test_no_hidden_label_reaches_a_cross_entropy_term_teacher_or_student(tmp_pat
     seen: list[int] = []
     real = losses.ce_loss
 
-    def recording(logits, targets, label_smoothing=0.0):
+    def recording(logits, targets, label_smoothing=0.0, mixed=None):
         if torch.is_grad_enabled():  # training batches only: validation runs under no_grad
             seen.extend(targets[targets >= 0].tolist())
-        return real(logits, targets, label_smoothing)
+        return real(logits, targets, label_smoothing, mixed)
 
     monkeypatch.setattr(losses, "ce_loss", recording)
     monkeypatch.setattr(trainer_module, "ce_loss", recording)

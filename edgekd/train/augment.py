@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -122,3 +123,55 @@ def resize_for(pixels: Tensor, size: int) -> Tensor:
 def augment_batch(pixels: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
     """A float (0–255) batch, each image randomly cropped/shifted, flipped and colour-jittered as configured."""
     return render_views(pixels, draw_views(pixels.shape[0], pixels.shape[-1], config, generator), config)
+
+
+# ----- mixing (function matching) ------------------------------------------------------------------------
+
+class Mix(NamedTuple):
+    """One batch's mix: each image blended with (mixup) or pasted over by (cutmix) its partner's. Drawn once,
+    applied at every resolution the batch is rendered at, so teacher and student see the same mixed image."""
+
+    partners: Tensor  # (n,) the partner of each row, a permutation of the batch
+    lam: float  # the share of each image's own pixels (and label)
+    box: tuple[float, float, float, float] | None  # cutmix: top, bottom, left, right as fractions of a side
+
+
+def mix_generator(seed: int, epoch: int, batch: int) -> np.random.Generator:
+    """Apart from the views' generator (mixing on leaves the crops as they were), never the global RNG: a
+    resumed run draws the partners and λ an uninterrupted one drew."""
+    return np.random.default_rng([seed, epoch, batch, 0x6D6978])
+
+
+def draw_mix(n: int, size: int, config: AugmentConfig, rng: np.random.Generator) -> Mix | None:
+    """This batch's mix, or None (unmixed, with probability 1 - mixup_probability - cutmix_probability). A
+    cutmix box is snapped to whole pixels at `size` (the student's), where λ, its label share, is exact."""
+    if not config.mixing or n < 2:
+        return None
+    pick = rng.random()
+    partners = torch.from_numpy(rng.permutation(n))
+    if pick < config.mixup_probability:
+        return Mix(partners, float(rng.beta(config.mixup_alpha, config.mixup_alpha)), None)
+    if pick >= config.mixup_probability + config.cutmix_probability:
+        return None
+    cut = math.sqrt(1 - rng.beta(config.cutmix_alpha, config.cutmix_alpha))
+    cy, cx = rng.integers(0, size, 2)
+    half = round(cut * size / 2)
+    top, bottom = max(cy - half, 0), min(cy + half, size)
+    left, right = max(cx - half, 0), min(cx + half, size)
+    lam = 1 - (bottom - top) * (right - left) / size ** 2
+    return Mix(partners, lam, (top / size, bottom / size, left / size, right / size))
+
+
+def mix_pixels(pixels: Tensor, mix: Mix | None) -> Tensor:
+    """The batch mixed as `mix` says, at its own resolution (a cutmix box scaled to it)."""
+    if mix is None:
+        return pixels
+    partners = mix.partners.to(pixels.device)
+    if mix.box is None:
+        mixed = torch.lerp(pixels[partners], pixels, mix.lam)  # lam·own + (1 - lam)·partner's
+    else:
+        size = pixels.shape[-1]
+        top, bottom, left, right = (round(edge * size) for edge in mix.box)
+        mixed = pixels.clone()
+        mixed[:, :, top:bottom, left:right] = pixels[partners][:, :, top:bottom, left:right]
+    return mixed.contiguous(memory_format=torch.channels_last)  # as render_views leaves it: faster convolutions

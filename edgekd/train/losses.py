@@ -11,15 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+Mixed = tuple[Tensor, float]  # a mixed batch's labels: each row's partner's label, and λ (its own share)
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
-            alpha: float, label_smoothing: float = 0.0) -> Tensor:
+            alpha: float, label_smoothing: float = 0.0, mixed: Mixed | None = None) -> Tensor:
     """Hinton's distillation loss, as both seeds write it:
 
         α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE(s, y)
 
     KL with batchmean reduction (the true KL divergence per sample); T² keeps the soft term's gradient
     scale independent of T. α = 1 is seed 000's pure KL; seed 001 uses α = 0.25, T = 2. The KL averages over
-    every row, the CE over the labelled rows (see ce_loss).
+    every row, the CE over the labelled rows (see ce_loss); on a mixed batch the CE is the mixed labels'.
     """
     s = student_logits.float()
     t = teacher_logits.float()
@@ -28,13 +31,16 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, tem
         log_p_student = F.log_softmax(s / temperature, dim=1)
         log_p_teacher = F.log_softmax(t / temperature, dim=1)
         soft = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    hard = ce_loss(s, targets, label_smoothing) if alpha < 1 else torch.zeros((), device=s.device)
+    hard = ce_loss(s, targets, label_smoothing, mixed) if alpha < 1 else torch.zeros((), device=s.device)
     return alpha * temperature ** 2 * soft + (1 - alpha) * hard
 
 
-def ce_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def ce_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0, mixed: Mixed | None = None) -> Tensor:
     """Cross-entropy averaged over the labelled rows; rows labelled -1 (unlabeled) take no part, and a batch
-    without a labelled row gives 0 (with a graph, so backward still runs)."""
+    without a labelled row gives 0 (with a graph, so backward still runs). A mixed batch (mixup, cutmix)
+    learns λ·CE(own label) + (1 − λ)·CE(partner's label): see mixed_ce_loss."""
+    if mixed is not None:
+        return mixed_ce_loss(logits, targets, mixed[0], mixed[1], label_smoothing)
     logits = logits.float()
     labeled = targets >= 0
     # One host sync per batch, so that an all-labelled batch runs exactly the original computation.
@@ -43,6 +49,23 @@ def ce_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Te
     if not bool(labeled.any()):
         return logits[:0].sum()  # 0, and no 0/0 mean
     return F.cross_entropy(logits[labeled], targets[labeled], label_smoothing=label_smoothing)
+
+
+def mixed_ce_loss(logits: Tensor, targets: Tensor, partner_targets: Tensor, lam: float,
+                  label_smoothing: float = 0.0) -> Tensor:
+    """λ·CE(y_a) + (1 − λ)·CE(y_b) per row, averaged over the labelled weight: a side labelled -1 adds
+    nothing (never a -1 into the CE) and its weight leaves the mean, so a row whose partner is unlabeled
+    learns its own label's part alone, and an all-labelled batch is the usual mean of the two CEs."""
+    logits = logits.float()
+    total, weight = logits[:0].sum(), 0.0  # 0 with a graph: a batch without a label still runs backward
+    for labels, share in ((targets, lam), (partner_targets, 1.0 - lam)):
+        known = labels >= 0
+        count = int(known.sum())
+        if count and share > 0:
+            total = total + share * F.cross_entropy(logits[known], labels[known], label_smoothing=label_smoothing,
+                                                    reduction="sum")
+            weight += share * count
+    return total / weight if weight > 0 else total
 
 
 def dkd_term(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
@@ -101,15 +124,17 @@ def dist_term(student_logits: Tensor, teacher_logits: Tensor, temperature: float
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, config,
-                 label_smoothing: float = 0.0, ramp: float = 1.0) -> Tensor:
+                 label_smoothing: float = 0.0, ramp: float = 1.0, mixed: Mixed | None = None) -> Tensor:
     """The training loss of `distill.method` (config is the recipe's DistillConfig); `ramp` (0–1) scales the
-    distillation term during its warm-up. Targets of -1 (unlabeled rows) reach the distillation term only."""
+    distillation term during its warm-up. Targets of -1 (unlabeled rows) reach the distillation term only.
+    `mixed`: a mixed batch's partner labels and λ, for the label term (dkd, which needs one target class,
+    is refused with mixing when the recipe loads)."""
     if config.method == "kd":  # during warm-up the weight moves from cross-entropy to the KD term
         return kd_loss(student_logits, teacher_logits, targets, config.temperature, config.alpha * min(ramp, 1.0),
-                       label_smoothing)
+                       label_smoothing, mixed)
     if config.method == "dkd":
         term = dkd_term(student_logits, teacher_logits, targets, config.temperature, config.dkd_alpha,
                         config.dkd_beta)
     else:
         term = dist_term(student_logits, teacher_logits, config.temperature, config.dist_beta, config.dist_gamma)
-    return ce_loss(student_logits, targets, label_smoothing) + ramp * term
+    return ce_loss(student_logits, targets, label_smoothing, mixed) + ramp * term

@@ -22,6 +22,8 @@ from edgekd.errors import CheckpointError, RecipeError
 from edgekd.models import Classifier
 from edgekd.recipe import Recipe, load_recipe
 from edgekd.runs import run_dirs
+from edgekd.train.augment import batch_generator, draw_views, render_views
+from edgekd.train.batches import iter_batches
 from edgekd.train.checkpoint import file_sha256, load_model, refuse_nonfinite
 from edgekd.train.teacher_cache import cached_teacher_logits
 from edgekd.train.teacher_forward import TeacherForward, fastest_forward
@@ -168,32 +170,55 @@ def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Spl
         return fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
                                recipe.distill.teacher_forward, earlier)
 
-    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, recipe.augment,
+    return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, recipe.augment.views,
                          split.images.shape[1], meta["image_size"], recipe.distill.teacher_views,
                          recipe.distill.teacher_views_seed, recipe.train.seed, cache_root)
 
 
-def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device,
-                    split: Split) -> tuple[RowStore | None, TeacherViews | None]:
-    """Where the teacher's logits come from: (cached logits, None), (None, stored views), or (None, None) when
-    the teacher runs on every batch. `split` is what batches are drawn from (at augment.render_size); the
-    stored views are filled with the teacher's fastest forward pass on this machine (teacher_forward.py)."""
+def prepare_teacher(recipe: Recipe, dataset: Dataset, teacher: Teacher, device: torch.device, split: Split,
+                    earlier_forward: str | None = None
+                    ) -> tuple[RowStore | None, TeacherViews | None, TeacherForward | None]:
+    """Where the teacher's logits come from: (cached logits, None, None), (None, stored views, None), or the
+    teacher run live on every batch: (None, None, its forward pass; None for PyTorch as the model stands).
+    `split` is what batches are drawn from (at augment.render_size). Stored views and live teaching with
+    augmentation use the teacher's fastest forward pass on this machine (teacher_forward.py); a resumed run
+    passes `earlier_forward`, the one its first attempt taught with, kept wherever this machine offers it."""
     meta = teacher[1]
-    logits, views = None, None
+    logits, views, live = None, None, None
     if recipe.distill.cache_teacher_logits and not recipe.augment.active:
         logits = _teacher_logit_cache(recipe, dataset, teacher, device)
     elif recipe.augment.active and recipe.distill.teacher_views:
         views = _stored_views(recipe, dataset, teacher, split, device)
     elif recipe.augment.active:
-        log.info("augmentation is on, so the teacher runs on every batch, on the view the student sees "
-                 "(distill.teacher_views: K stores K views per photo and runs the teacher once per view)")
+        live = _live_forward(recipe, teacher, split, device, earlier_forward)
+        log.info("augmentation is on, so the teacher runs on every batch, on the view the student sees, with "
+                 "%s (distill.teacher_views: K stores K views per photo and runs the teacher once per view)",
+                 live.name)
     else:
         log.info("the teacher runs on every batch (distill.cache_teacher_logits is false)")
     if recipe.augment.active:
         note = resolution_note(meta["image_size"], split.images.shape[1], dataset.image_size)
         if note:
             log.log(*note)
-    return logits, views
+    return logits, views, live
+
+
+def _live_forward(recipe: Recipe, teacher: Teacher, split: Split, device: torch.device,
+                  earlier: str | None) -> TeacherForward:
+    """The forward pass the live teacher runs on every batch: chosen once, measured on real views of the
+    first photos at the teacher's size (as the views' fill is), or the one a resumed run began with."""
+    model, meta = teacher
+    cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
+    first = next(iter_batches(split, min(32, recipe.train.batch_size)))
+    drawn = draw_views(len(first.rows), first.pixels.shape[-1], recipe.augment, batch_generator(0, 0, 0))
+    probe = render_views(first.pixels, drawn, recipe.augment, meta["image_size"])
+    forward = fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
+                              recipe.distill.teacher_forward, earlier)
+    if earlier is not None and forward.name != earlier:
+        log.warning("teacher forward: this run began with %s, which is not offered now (this machine, or "
+                    "distill.teacher_forward); it continues with %s, whose logits differ slightly", earlier,
+                    forward.name)
+    return forward
 
 
 def resolution_note(teacher_size: int, render_size: int, student_size: int) -> tuple[int, str] | None:
