@@ -142,7 +142,10 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, tea
     overrides = ["train.epochs=4", "train.scheduler=step", "train.step_size=1", "train.gamma=0.5"]
     if plus:
         overrides = ["train.epochs=4", *PLUS]
-        overrides += ["distill.method=dkd", "distill.warmup_epochs=1"] if mode == "distill" else []
+        # distill: the live teacher on one forward for both runs (`auto` measures and may pick another under
+        # load, e.g. bf16 in one run and fp32 in the other; onnxruntime is one path, fp32)
+        overrides += ["distill.method=dkd", "distill.warmup_epochs=1",
+                      "distill.teacher_forward=onnxruntime"] if mode == "distill" else []
     if mode == "distill":
         run(load_recipe(teacher_recipe), "train", tmp_path / "whole")
         run(load_recipe(teacher_recipe), "train", tmp_path / "cut")
@@ -183,7 +186,7 @@ class StopAtBatch(Callbacks):
 
 @pytest.mark.parametrize("mode, extra", [
     ("train", PLUS),
-    ("distill", [*PLUS, "distill.method=dkd", "distill.warmup_epochs=1"]),
+    ("distill", [*PLUS, "distill.method=dkd", "distill.warmup_epochs=1", "distill.teacher_forward=onnxruntime"]),
     # One teacher forward for both runs: each fills its own views, and `auto` picks the fastest forward by
     # measuring it, so under load one run could fill in bf16 and the other in fp32 (onnxruntime: one path, fp32).
     ("distill", ["augment.crop=resized", "augment.flip=true", "augment.color_jitter=0.2", "augment.render_size=24",
