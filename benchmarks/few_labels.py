@@ -32,7 +32,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from timed_run import run_timed, wall_seconds_file  # benchmarks/, beside this script
+from timed_run import epoch_records, run_timed, run_wall_seconds, summary_of  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 DONE = {"finished", "early_stopped"}
@@ -66,10 +66,6 @@ FRACTIONS = [
 def label_overrides(fraction: Fraction) -> list[str]:
     return [f"data.label_fraction={fraction.value}", "data.hidden_labels=unlabeled"]
 
-
-def summary_of(artifacts: Path, name: str) -> dict | None:
-    path = artifacts / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_row(args, name: str, command: str, recipe: str, overrides: list[str]) -> None:
@@ -116,17 +112,13 @@ def result(args, name: str) -> dict | None:
     summary = summary_of(args.artifacts, name)
     if not summary or summary["status"] not in DONE:
         return None
-    records = [json.loads(line) for line in (args.artifacts / name / "metrics.jsonl").read_text().splitlines()]
-    wall = wall_seconds_file(args.artifacts / name)
-    in_epochs = sum(r["seconds"] for r in records)
-    timed = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+    records = epoch_records(args.artifacts / name)
     dataset = summary["dataset"]
     fill = summary.get("teacher_views_fill") or {}
     return {"run": name, "last_val_acc": records[-1]["val_acc"], "best_val_acc": summary["best_val_acc"],
             "epochs": summary["epochs_done"], "labelled": dataset.get("labelled"),
             "unlabeled": dataset.get("unlabeled"), "val": dataset["sizes"]["val"],
-            # a run continued by hand had attempts the wall file never saw: never less than its epochs took
-            "wall_seconds": max(timed, in_epochs), "fill_seconds": fill.get("seconds"),
+            "wall_seconds": run_wall_seconds(args.artifacts / name, records), "fill_seconds": fill.get("seconds"),
             "fill_forward": fill.get("forward")}
 
 

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from timed_run import run_timed, wall_seconds_file  # benchmarks/, beside this script
+from timed_run import epoch_records, run_timed, run_wall_seconds, summary_of  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 DONE = {"finished", "early_stopped"}
@@ -65,10 +65,6 @@ class Schedule:
     seeds: tuple[int, ...]
     student: int  # 8 or 4 blocks
 
-
-def summary_of(artifacts: Path, name: str) -> dict | None:
-    path = artifacts / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _edgekd(args, command: str, recipe: str, name: str, overrides: list[str]) -> None:
@@ -108,15 +104,12 @@ def run_one(args, teacher: Path, schedule: Schedule, row: Row, seed: int) -> Non
 
 def result(args, name: str) -> dict:
     summary = summary_of(args.artifacts, name)
-    records = [json.loads(line) for line in (args.artifacts / name / "metrics.jsonl").read_text().splitlines()]
-    wall = wall_seconds_file(args.artifacts / name)
-    in_epochs = sum(r["seconds"] for r in records)
-    timed = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+    records = epoch_records(args.artifacts / name)
     return {"run": name, "last_val_acc": records[-1]["val_acc"], "best_val_acc": summary["best_val_acc"],
             "val_acc": [r["val_acc"] for r in records], "fidelity": records[-1].get("train_agreement"),
             "epoch_seconds": statistics.mean(r["seconds"] for r in records),
             "teacher_forward": (summary.get("teacher") or {}).get("forward"),
-            "fill": summary.get("teacher_views_fill"), "wall_seconds": max(timed, in_epochs)}
+            "fill": summary.get("teacher_views_fill"), "wall_seconds": run_wall_seconds(args.artifacts / name, records)}
 
 
 def _spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:

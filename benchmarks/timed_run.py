@@ -24,3 +24,21 @@ def run_timed(cmd: list[str], run_folder: Path, label: str) -> None:
         if run_folder.is_dir():
             before = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
             wall.write_text(json.dumps({"seconds": before + time.time() - start}))
+
+
+def summary_of(artifacts: Path, name: str) -> dict | None:
+    """The run's summary.json, None when it has none yet."""
+    path = artifacts / name / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def epoch_records(run_folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_wall_seconds(run_folder: Path, records: list[dict]) -> float:
+    """The run's wall time over attempts; a run continued by hand had attempts the wall file never saw, so
+    never less than the seconds its own epochs took."""
+    wall = wall_seconds_file(run_folder)
+    timed = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+    return max(timed, sum(r["seconds"] for r in records))
