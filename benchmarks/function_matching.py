@@ -20,8 +20,8 @@ default 100, seed 0) for the 8-block, or the 4-block with --long-student 4. Colu
 best), share of the gap closed = (student - no KD) / (teacher - no KD) on last-epoch accuracy, with no KD at
 the same epochs; fidelity = top-1 agreement with the teacher on the training views of the last epoch
 (metrics.jsonl's train_agreement; Stanton et al. 2021); cost per epoch as a multiple of no KD's; wall time
-(summed over attempts). Writes <artifacts>/function_matching.json and, for the long rows,
-<artifacts>/function_matching_long.png (val accuracy against epochs).
+(summed over attempts). Writes <artifacts>/function_matching.json and, per schedule,
+<artifacts>/function_matching_<e30|long100>.png (val accuracy against epochs, every run).
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def table(args, teacher_acc: float | None, results: dict[tuple[str, str], list[d
     return "\n".join(lines)
 
 
-def plot_long(args, results: dict, schedule: Schedule, teacher_acc: float | None) -> Path | None:
-    """Val accuracy against epochs for the long rows (matplotlib, Agg: no display needed)."""
+def plot_curves(args, results: dict, schedule: Schedule, teacher_acc: float | None) -> Path | None:
+    """Val accuracy against epochs for one schedule's rows, every seed (matplotlib, Agg: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,7 +162,9 @@ def plot_long(args, results: dict, schedule: Schedule, teacher_acc: float | None
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in ROWS:
         for run in results.get((schedule.key, row.key), []):
-            ax.plot(range(1, len(run["val_acc"]) + 1), [100 * a for a in run["val_acc"]], label=row.label)
+            seed = run["run"].rsplit("_s", 1)[-1]
+            ax.plot(range(1, len(run["val_acc"]) + 1), [100 * a for a in run["val_acc"]],
+                    label=f"{row.label}, seed {seed}")
     if not ax.lines:
         plt.close(fig)
         return None
@@ -173,7 +175,7 @@ def plot_long(args, results: dict, schedule: Schedule, teacher_acc: float | None
     ax.set_title(f"{schedule.student}-block student at 64 px, {schedule.epochs} epochs", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    path = args.artifacts / "function_matching_long.png"
+    path = args.artifacts / f"function_matching_{schedule.key}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -227,9 +229,10 @@ def main() -> None:
         print(table(args, teacher_acc, results, schedules), file=sys.stderr, flush=True)
     text = table(args, teacher_acc, results, schedules)
     print(text)
-    png = plot_long(args, results, schedules[-1], teacher_acc) if args.long else None
-    if png:
-        print(f"\n![val accuracy against epochs]({png.name})")
+    for schedule in schedules:
+        png = plot_curves(args, results, schedule, teacher_acc)
+        if png:
+            print(f"\n![val accuracy against epochs, {schedule.key}]({png.name})")
     (args.artifacts / "function_matching.json").write_text(json.dumps(
         {"settings": {k: str(v) for k, v in vars(args).items()}, "teacher_val_acc": teacher_acc,
          "results": {f"{s}/{r}": runs for (s, r), runs in results.items()}, "table": text}, indent=1))
