@@ -107,6 +107,7 @@ def result(args, name: str) -> dict:
     records = epoch_records(args.artifacts / name)
     return {"run": name, "last_val_acc": records[-1]["val_acc"], "best_val_acc": summary["best_val_acc"],
             "val_acc": [r["val_acc"] for r in records], "fidelity": records[-1].get("train_agreement"),
+            "fidelity_by_epoch": [r.get("train_agreement") for r in records],
             "epoch_seconds": statistics.mean(r["seconds"] for r in records),
             "teacher_forward": (summary.get("teacher") or {}).get("forward"),
             "fill": summary.get("teacher_views_fill"), "wall_seconds": run_wall_seconds(args.artifacts / name, records)}
@@ -153,28 +154,36 @@ def table(args, teacher_acc: float | None, results: dict[tuple[str, str], list[d
 
 
 def plot_curves(args, results: dict, schedule: Schedule, teacher_acc: float | None) -> Path | None:
-    """Val accuracy against epochs for one schedule's rows, every seed (matplotlib, Agg: no display needed)."""
+    """Val accuracy and fidelity on training views against epochs for one schedule's rows, every seed
+    (matplotlib, Agg: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in ROWS:
+    fig, (acc_ax, fid_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for index, row in enumerate(ROWS):
         for run in results.get((schedule.key, row.key), []):
             seed = run["run"].rsplit("_s", 1)[-1]
-            ax.plot(range(1, len(run["val_acc"]) + 1), [100 * a for a in run["val_acc"]],
-                    label=f"{row.label}, seed {seed}")
-    if not ax.lines:
+            style = dict(color=f"C{index}", linestyle="-" if seed == "0" else ":", label=f"{row.label}, seed {seed}")
+            epochs = range(1, len(run["val_acc"]) + 1)
+            acc_ax.plot(epochs, [100 * a for a in run["val_acc"]], **style)
+            fidelity = run.get("fidelity_by_epoch") or []
+            if any(f is not None for f in fidelity):
+                fid_ax.plot(epochs, [100 * f if f is not None else None for f in fidelity], **style)
+    if not acc_ax.lines:
         plt.close(fig)
         return None
     if teacher_acc is not None:
-        ax.axhline(100 * teacher_acc, color="gray", linestyle="--", label="teacher")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val accuracy %")
-    ax.set_title(f"{schedule.student}-block student at 64 px, {schedule.epochs} epochs", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+        acc_ax.axhline(100 * teacher_acc, color="gray", linestyle="--", label="teacher")
+    acc_ax.set_ylim(bottom=max(60, acc_ax.get_ylim()[0]))
+    acc_ax.set(xlabel="epoch", ylabel="val accuracy %")
+    fid_ax.set(xlabel="epoch", ylabel="top-1 agreement with the teacher, training views %")
+    acc_ax.set_title(f"{schedule.student}-block student at 64 px, {schedule.epochs} epochs: val accuracy", fontsize=10)
+    fid_ax.set_title("fidelity on the views it trained on (mixed ones for function matching)", fontsize=10)
+    for ax in (acc_ax, fid_ax):
+        ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=7)
     path = args.artifacts / f"function_matching_{schedule.key}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
