@@ -74,7 +74,8 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(100 * float((a.argmax(1) == b.argmax(1)).float().mean()), 2)
 
 
-def analyse(teachers: dict, students: dict, labels: torch.Tensor, classes: list[str], probes: dict) -> dict:
+def analyse(teachers: dict, students: dict, labels: torch.Tensor, classes: list[str], probes: dict,
+            through: int | None) -> dict:
     ensembles = {"+".join(group): accuracy(sum(teachers[n] for n in group) / len(group), labels)
                  for size in range(2, len(teachers) + 1) for group in itertools.combinations(teachers, size)}
     answers = torch.stack([p.argmax(1) for p in teachers.values()])
@@ -86,7 +87,8 @@ def analyse(teachers: dict, students: dict, labels: torch.Tensor, classes: list[
               "ensembles": ensembles, "all_teachers_wrong": int(all_wrong.sum()),
               "all_teachers_wrong_same_class": int(unanimous.sum()),
               "commonest": [[y, a, n] for (y, a), n in pairs.most_common(6)], "students": {},
-              "through": {n: {"accuracy": accuracy(p, labels), "agreement": agreement(p, teachers[n.split(" ")[0]])}
+              "through_px": through,
+              "through": {n: {"accuracy": accuracy(p, labels), "agreement": agreement(p, teachers[n])}
                           for n, p in probes.items()}}
     first = next(iter(teachers.values()))
     for name, probs in students.items():
@@ -111,7 +113,8 @@ def report(result: dict) -> str:
                      f"{s['accuracy_elsewhere']:.2f}% on the other photos; agrees with the first teacher on "
                      f"{s['agreement_with_first_teacher']:.2f}% of val")
     for name, t in result["through"].items():
-        lines.append(f"teacher {name}: {t['accuracy']:.2f}% val acc, agrees with itself at full size on "
+        lines.append(f"teacher {name} through {result['through_px']} px: {t['accuracy']:.2f}% val acc, "
+                     f"agrees with itself at full size on "
                      f"{t['agreement']:.2f}%")
     return "\n".join(lines)
 
@@ -124,6 +127,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the result here as JSON")
     parser.add_argument("--through", type=int, help="also each teacher on val photos seen at this many px")
     args = parser.parse_args()
+    if args.through is not None and args.through < 8:
+        parser.error(f"--through {args.through}: give a size of at least 8 px (the student's, e.g. 64)")
     probs, labels, classes, photos = {}, None, None, None
     for path in [*args.teachers, *args.students]:
         probs[name_of(path)], labels, classes, these = val_probabilities(path, args.data)
@@ -132,9 +137,9 @@ def main() -> None:
         photos = these
     teachers = {name_of(p): probs[name_of(p)] for p in args.teachers}
     students = {name_of(p): probs[name_of(p)] for p in args.students}
-    probes = {f"{name_of(p)} through {args.through} px": val_probabilities(p, args.data, args.through)[0]
+    probes = {name_of(p): val_probabilities(p, args.data, args.through)[0]
               for p in args.teachers} if args.through else {}
-    result = analyse(teachers, students, labels, classes, probes)
+    result = analyse(teachers, students, labels, classes, probes, args.through)
     print(report(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
