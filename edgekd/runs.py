@@ -74,9 +74,12 @@ def atomic_write_json(path: Path, data: dict) -> None:
 def interrupts_deferred():
     """Let a block of writes finish before Ctrl-C (SIGINT) takes effect; it is raised right after.
 
-    Outside the main thread (where signal handlers cannot be set) the block runs unprotected.
+    Outside the main thread (where signal handlers cannot be set) the block runs unprotected. A process that
+    ignores SIGINT (started with `nohup` or `&` from a script) keeps ignoring it here too: deferring must not
+    turn a signal the process never reacts to into an interrupt, only while it happens to be saving.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     received = []
@@ -85,7 +88,11 @@ def interrupts_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
+    if not received:
+        return
+    if callable(previous):  # Python's own default_int_handler raises KeyboardInterrupt; another handler decides
+        previous(signal.SIGINT, None)
+    else:
         raise KeyboardInterrupt
 
 

@@ -34,10 +34,17 @@ def _slow_recipe(tmp_path, image_dataset, epochs=12):
                         data={"image_size": 32}, train={"epochs": epochs, "batch_size": 4})
 
 
+def _as_in_a_terminal() -> None:
+    # A command typed in a terminal gets SIGINT's default action; the test suite itself may run where it is
+    # ignored (started with `&` from a script, or nohup), and a child would inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(recipe: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "EDGEKD_ARTIFACTS": str(tmp_path / "artifacts"), "EDGEKD_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen([sys.executable, "-m", "edgekd", "-q", "train", str(recipe), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_in_a_terminal)
 
 
 def _wait_for_epochs(metrics: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -177,6 +184,30 @@ def test_interrupts_are_deferred_until_the_writes_finish():
             time.sleep(0.05)
             finished.append(True)
     assert finished == [True]
+
+
+def test_deferring_interrupts_keeps_an_ignored_sigint_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup or a script's `&`
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_deferred_interrupt_goes_to_the_handler_that_was_there():
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert calls == []  # not during the block
+        assert calls == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_every_kind_of_image_in_a_dataset_is_converted_or_skipped_and_counted(tmp_path):
