@@ -19,8 +19,8 @@ unless --teacher names a best.pt); students at 64 px. Rows, each a subprocess of
 default 100, seed 0) for the 8-block, or the 4-block with --long-student 4. Columns: val accuracy (last epoch,
 best), share of the gap closed = (student - no KD) / (teacher - no KD) on last-epoch accuracy, with no KD at
 the same epochs; fidelity = top-1 agreement with the teacher on the training views of the last epoch
-(metrics.jsonl's train_agreement; Stanton et al. 2021); cost per epoch as a multiple of no KD's; wall time
-(summed over attempts). Writes <artifacts>/function_matching.json and, per schedule,
+(metrics.jsonl's train_agreement; Stanton et al. 2021); cost per epoch (the median epoch) as a multiple of no
+KD's; wall time (summed over attempts). Writes <artifacts>/function_matching.json and, per schedule,
 <artifacts>/function_matching_<e30|long100>.png (val accuracy against epochs, every run).
 """
 
@@ -108,7 +108,8 @@ def result(args, name: str) -> dict:
     return {"run": name, "last_val_acc": records[-1]["val_acc"], "best_val_acc": summary["best_val_acc"],
             "val_acc": [r["val_acc"] for r in records], "fidelity": records[-1].get("train_agreement"),
             "fidelity_by_epoch": [r.get("train_agreement") for r in records],
-            "epoch_seconds": statistics.mean(r["seconds"] for r in records),
+            # the median: an epoch slowed by other work on the machine does not move it
+            "epoch_seconds": statistics.median(r["seconds"] for r in records),
             "teacher_forward": (summary.get("teacher") or {}).get("forward"),
             "fill": summary.get("teacher_views_fill"), "wall_seconds": run_wall_seconds(args.artifacts / name, records)}
 
