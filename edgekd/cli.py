@@ -203,12 +203,14 @@ def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, 
     root = artifacts_root(artifacts)
     try:
         summary = run(recipe, mode, root, resume=resume, callbacks=_progress_callbacks(quiet))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (train.stop_signals.Stopped), or another ^C
         nproc = int(os.environ.get("WORLD_SIZE", nproc))
-        click.echo(f"\ninterrupted; the newest training state is saved (epoch ends and every "
-                   f"train.checkpoint_seconds). Continue with: "
+        saved = getattr(stop, "saved", None)
+        state = (f"stopped; the training state at {saved} is saved" if saved else
+                 "interrupted; the newest training state is saved (epoch ends and every train.checkpoint_seconds)")
+        click.echo(f"\n{state}. Continue with: "
                    f"{_continue_command(mode, recipe_path, overrides, artifacts, precision, nproc)}", err=True)
-        sys.exit(130)
+        sys.exit(getattr(stop, "exit_code", 130))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         best = root / summary["run"] / "best.pt"
         click.echo(f"saved     {best}" if best.is_file() else f"no best.pt in {best.parent} (no epoch finished)")
@@ -606,7 +608,7 @@ def sweep(obj, sweep_file, overrides, artifacts, export, dry_run) -> None:
         return
     try:
         state = run_sweep(SweepPlan(sweep_file, list(overrides), root, export), _sweep_events(obj["quiet"]))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
         import shlex
 
         again = ["edgekd", "sweep", sweep_file, *(w for o in overrides for w in ("--set", o)),
@@ -614,7 +616,7 @@ def sweep(obj, sweep_file, overrides, artifacts, export, dry_run) -> None:
                  *([] if export is None else ["--export" if export else "--no-export"])]
         click.echo(f"\ninterrupted; finished members and epochs are saved. Continue with the same command: "
                    f"{shlex.join(again)}", err=True)
-        sys.exit(130)
+        sys.exit(getattr(stop, "exit_code", 130))
     sweep_dir = root / state["sweep"]
     click.echo(f"\n{'member':<24} {'role':<9} {'precision':<9} {'status':<14} run folder")
     for m in state["members"].values():

@@ -176,6 +176,24 @@ def test_ctrl_c_leaves_a_resumable_run_and_says_how(tmp_path, image_dataset):
     assert epochs == list(range(1, len(epochs) + 1))
 
 
+def test_sigterm_saves_where_it_stopped_and_the_resume_matches_an_uninterrupted_run(tmp_path, image_dataset):
+    # `kill`, `docker stop`, `timeout` or a cluster preempting the job: the batch in hand is finished and saved
+    recipe = _slow_recipe(tmp_path, image_dataset, epochs=3)
+    _finish(recipe, tmp_path / "whole")
+    run_dir = tmp_path / "artifacts" / "slow"
+    process = _start(recipe, tmp_path)
+    _wait_for_epochs(run_dir / "metrics.jsonl", 1, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "stopped; the training state at " in err and "--resume" in err and "Traceback" not in err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    # the saved state is where the message says: inside an epoch, or at an epoch's end
+    assert _mid_epoch_saved(run_dir / "last.pt") == (", batch " in err)
+    _finish(recipe, tmp_path, "--resume")
+    _same_run(tmp_path / "whole" / "artifacts" / "slow", run_dir)
+
+
 def test_interrupts_are_deferred_until_the_writes_finish():
     finished = []
     with pytest.raises(KeyboardInterrupt):

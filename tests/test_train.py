@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -221,6 +224,83 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_batch_bit_for_bit(tmp_path, t
         b = torch.load(cut_dir / name, weights_only=True)["state_dict"]
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+class SignalAtBatch(Callbacks):
+    """Sends this process `signum` (as `kill` or Ctrl-C would) once the loop has taken batch `batch` of `epoch`."""
+
+    def __init__(self, signum, epoch, batch, times=1):
+        self.signum, self.epoch, self.batch, self.times, self.current, self.seen = signum, epoch, batch, times, 0, 0
+
+    def on_epoch_start(self, epoch, epochs, batches):
+        self.current, self.seen = epoch, 0
+
+    def on_batch(self, images, loss):
+        self.seen += 1
+        if (self.current, self.seen) == (self.epoch, self.batch):
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+                time.sleep(0.01)  # the handler runs at once: between bytecodes, in this (main) thread
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_saves_the_batch_in_hand_and_the_resume_is_bit_for_bit(tmp_path, teacher_recipe, signum):
+    from edgekd.train.stop_signals import Stopped
+
+    overrides = ["train.epochs=3", "train.checkpoint_seconds=null"]  # no periodic save: only the stop saves
+    whole = run(load_recipe(teacher_recipe, overrides), "train", tmp_path / "whole")
+    with pytest.raises(Stopped) as stopped:
+        run(load_recipe(teacher_recipe, overrides), "train", tmp_path / "cut", callbacks=SignalAtBatch(signum, 2, 3))
+    assert stopped.value.exit_code == 128 + signum and "epoch 2, batch 3 of" in stopped.value.saved
+    cut_dir = tmp_path / "cut" / whole["run"]
+    assert json.loads((cut_dir / "summary.json").read_text())["status"] == "interrupted"
+    state = torch.load(cut_dir / "last.pt", weights_only=True)["train_state"]
+    assert state["epoch_progress"]["epoch"] == 2 and state["epoch_progress"]["next_batch"] == 3
+    resumed = run(load_recipe(teacher_recipe, overrides), "train", tmp_path / "cut", resume=True)
+    assert resumed["epochs_done"] == 3
+    whole_records = MetricsLog(tmp_path / "whole" / whole["run"] / "metrics.jsonl").read()
+    assert _strip_timing(MetricsLog(cut_dir / "metrics.jsonl").read()) == _strip_timing(whole_records)
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(tmp_path / "whole" / whole["run"] / name, weights_only=True)["state_dict"]
+        b = torch.load(cut_dir / name, weights_only=True)["state_dict"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
+
+
+def test_a_second_stop_signal_stops_at_once_without_saving(tmp_path, teacher_recipe):
+    from edgekd.train.stop_signals import Stopped
+
+    overrides = ["train.epochs=3", "train.checkpoint_seconds=null"]
+    with pytest.raises(Stopped) as stopped:
+        run(load_recipe(teacher_recipe, overrides), "train", tmp_path / "cut",
+            callbacks=SignalAtBatch(signal.SIGTERM, 2, 3, times=2))
+    assert stopped.value.saved is None  # the state on disk is epoch 1's end, as the CLI then says
+    run_dir = next((tmp_path / "cut").iterdir())
+    assert torch.load(run_dir / "last.pt", weights_only=True)["train_state"]["epoch_progress"] is None
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_stop_signals_ask_while_the_loop_listens_and_stop_at_once_otherwise():
+    from edgekd.train.stop_signals import Stopped, StopSignals, stop_signals
+
+    stops = StopSignals()
+    with pytest.raises(Stopped) as stopped:  # before the loop: nothing to save, stop now
+        stops.handle(signal.SIGTERM, None)
+    assert stopped.value.exit_code == 143 and stopped.value.saved is None
+    stops.listening = True
+    stops.handle(signal.SIGINT, None)
+    assert stops.requested == signal.SIGINT and stops.stopped("epoch 1, batch 2 of 9").exit_code == 130
+    with pytest.raises(Stopped):
+        stops.handle(signal.SIGINT, None)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # started under nohup: stays ignored
+    try:
+        with stop_signals() as stops:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stops.handle
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_live_run_is_not_resumed_by_another_process(tmp_path, teacher_recipe):

@@ -1,10 +1,13 @@
 """What the loop reports as it runs (Callbacks) and what it carries across a resume besides the weights:
-early stopping and how far an epoch got."""
+early stopping and how far an epoch got; and the stop a diverged loss forces."""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+
+from edgekd.errors import EdgekdError
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +85,16 @@ class EpochProgress:
         self.seen += images
         self.agreed += agreed
 
+
+
+def raise_if_diverged(loss: float, what: str, where: str, lr: float, dist) -> None:
+    """A NaN or infinite loss ends the run now: every later step, checkpoint and export would carry it.
+    Under DDP (`dist` active) every rank learns of any rank's NaN, so none waits forever for the others."""
+    bad = not math.isfinite(loss)
+    if dist.active:
+        bad = dist.sum(float(bad))[0] > 0
+    if bad:
+        value = f"is {loss}" if not math.isfinite(loss) else "is not finite on another process"
+        raise EdgekdError(f"training diverged: the {what} {value} at {where}",
+                          hint=f"lower train.lr (now {lr:g}), set train.grad_clip, or train in fp32; the run is "
+                               "marked failed and keeps the checkpoints from before")

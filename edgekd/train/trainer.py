@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 
 from edgekd.data import Dataset, RowStore, Split, open_dataset
-from edgekd.errors import EdgekdError
 from edgekd.evaluate import evaluate_model
 from edgekd.models import (Classifier, create_model, freeze_backbone, load_pretrained, resolve_pretrained,
                            set_train_mode)
@@ -34,9 +32,10 @@ from edgekd.train.losses import ce_loss, distill_loss
 from edgekd.train.optim import make_optimizer, make_scheduler, parameter_groups, seed_everything
 from edgekd.train.precision import PrecisionPolicy, make_policy
 from edgekd.train.prepare import check_before_work, input_normalisation, render_split, teacher_sources
-from edgekd.train.progress import Callbacks, EarlyStopping, EpochProgress, Silent
+from edgekd.train.progress import Callbacks, EarlyStopping, EpochProgress, Silent, raise_if_diverged
 from edgekd.train.record import checkpoint_payload, restore, start_info, write_summary
 from edgekd.train.run_folder import claim_run_dir, now, record_setup_failure
+from edgekd.train.stop_signals import StopSignals, stop_signals
 from edgekd.train.teacher import Teacher, load_teacher
 from edgekd.train.teacher_forward import TeacherForward
 from edgekd.train.teacher_views import TeacherViews
@@ -76,6 +75,7 @@ class Trainer:
         self.validate_seconds = 0.0
         self.saved: dict | None = None  # what last.pt holds now (epoch, batch, when)
         self.checkpointing = {"mid_epoch_saves": 0, "seconds": 0.0}  # their cost, in this process
+        self.stops = StopSignals()  # run() passes the process's: Ctrl-C and SIGTERM stop at a batch boundary
 
     # ----- set-up -------------------------------------------------------------------------------------
 
@@ -113,16 +113,21 @@ class Trainer:
         epochs = self.recipe.train.epochs
         write_summary(self, "running")
         self.last_save = time.monotonic()
+        self.stops.listening = True
         try:
             while self.epoch < epochs and not self.stopper.should_stop:
                 record = self._run_epoch(self.epoch + 1)
                 self._finish_epoch(record)
+                if self._stop_requested():  # heard during validation or the epoch's save, which is done
+                    raise self.stops.stopped(f"the end of epoch {self.epoch}")
         except KeyboardInterrupt:
             write_summary(self, "interrupted")
             raise
         except Exception as exc:
             write_summary(self, "failed", error=f"{exc.__class__.__name__}: {exc}")
             raise
+        finally:
+            self.stops.listening = False
         status = "early_stopped" if self.stopper.should_stop and self.epoch < epochs else "finished"
         if self.dist.active:
             self.ranks_identical = len(set(self.dist.gather(distributed.weights_digest(self.model)))) == 1
@@ -147,9 +152,12 @@ class Trainer:
             self.callbacks.on_batch(len(batch.rows), loss)
             # the last batch counts the validation still to come: the epoch's own save follows it
             ahead = time.perf_counter() - step_start + (self.validate_seconds if index + 1 == batches else 0.0)
-            if self._save_due(ahead):
+            stop = self._stop_requested()
+            if stop or self._save_due(ahead):
                 progress.train_seconds = earlier_seconds + time.perf_counter() - start
                 self._save_mid_epoch(progress)
+            if stop:
+                raise self.stops.stopped(f"epoch {epoch}, batch {index + 1} of {batches}")
         train_seconds = earlier_seconds + time.perf_counter() - start
         total_loss, correct, labelled, seen, agreed = self.dist.sum(
             progress.total_loss, progress.correct, progress.labelled, progress.seen, progress.agreed)
@@ -176,6 +184,9 @@ class Trainer:
         if not self.dist.main:  # the saved sums are every rank's together: rank 0 carries them on
             return EpochProgress(epoch, point.next_batch, train_seconds=point.train_seconds)
         return point
+
+    def _stop_requested(self) -> bool:
+        return self.dist.broadcast(self.stops.requested is not None)  # under DDP rank 0's signal stops all
 
     def _save_due(self, seconds_ahead: float) -> bool:
         """Whether to save now: early enough that the work ahead (the next step, or the validation) and the
@@ -251,7 +262,8 @@ class Trainer:
         mixed = (labels[mix.partners.to(self.device)], mix.lam) if mix is not None else None
         loss = self._loss(logits, teacher_logits, labels, epoch, index, mixed)
         value = float(loss.detach())
-        self._stop_if_diverged(value, epoch, index)
+        raise_if_diverged(value, "training loss", f"epoch {epoch}, batch {index + 1} of {self.batches_per_epoch}",
+                          self.recipe.train.lr, self.dist)
         self.optimizer.zero_grad(set_to_none=True)
         self.policy.backward_and_step(loss, self.optimizer, self.recipe.train.grad_clip)
         if self.per_batch_schedule:
@@ -263,19 +275,6 @@ class Trainer:
         agreed = int((top == teacher_logits.argmax(1)).sum()) if teacher_logits is not None else 0
         return value, int((top == labels)[known].sum()), int(known.sum()), agreed
 
-    def _stop_if_diverged(self, loss: float, epoch: int, index: int, what: str = "training loss") -> None:
-        """A NaN or infinite loss ends the run now: every later step, checkpoint and export would carry it.
-        Under DDP every rank learns of any rank's NaN, so none waits forever for the others."""
-        bad = not math.isfinite(loss)
-        if self.dist.active:
-            bad = self.dist.sum(float(bad))[0] > 0
-        if bad:
-            where = f"epoch {epoch}, batch {index + 1} of {self.batches_per_epoch}" if index >= 0 else f"epoch {epoch}"
-            value = f"is {loss}" if not math.isfinite(loss) else "is not finite on another process"
-            raise EdgekdError(f"training diverged: the {what} {value} at {where}",
-                              hint=f"lower train.lr (now {self.recipe.train.lr:g}), set train.grad_clip, or train "
-                                   "in fp32; the run is marked failed and keeps the checkpoints from before")
-
     def _loss(self, logits, teacher_logits, labels, epoch: int, index: int, mixed=None) -> torch.Tensor:
         # The losses cast to fp32 themselves, whatever precision the forward pass ran in.
         smoothing = self.recipe.train.label_smoothing
@@ -286,7 +285,8 @@ class Trainer:
         return distill_loss(logits, teacher_logits, labels, self.recipe.distill, smoothing, ramp, mixed)
 
     def _finish_epoch(self, record: dict) -> None:
-        self._stop_if_diverged(record["val_loss"], record["epoch"], -1, "validation loss")
+        raise_if_diverged(record["val_loss"], "validation loss", f"epoch {record['epoch']}", self.recipe.train.lr,
+                          self.dist)
         improved = self.stopper.update(record["epoch"], record["val_acc"])
         self.epoch = record["epoch"]
         self.history.append(record)
@@ -315,13 +315,14 @@ def run(recipe: Recipe, mode: str, artifacts: Path, resume: bool = False,
     """
     dist, device = distributed.start(recipe.train.device)
     try:
-        return _run(recipe, mode, artifacts, resume, callbacks or Callbacks(), dist, device)
+        with stop_signals() as stops:
+            return _run(recipe, mode, artifacts, resume, callbacks or Callbacks(), dist, device, stops)
     finally:
         distributed.stop(dist)
 
 
 def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Callbacks,
-         dist: distributed.Distributed, device: torch.device) -> dict:
+         dist: distributed.Distributed, device: torch.device, stops: StopSignals) -> dict:
     check_before_work(recipe, mode, artifacts, dist, device, resume)
     with dist.node_main_first():  # one process per node decodes; the others then read its cache
         dataset = open_dataset(recipe.data, splits=("train", "val"), workers=recipe.train.workers)
@@ -331,7 +332,7 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
     if resumed and last is None:
         last = read_checkpoint(run_dir / "last.pt")
     try:
-        return _prepare_and_fit(recipe, mode, callbacks, dist, device, dataset, teacher, run_dir, last)
+        return _prepare_and_fit(recipe, mode, callbacks, dist, device, dataset, teacher, run_dir, last, stops)
     except BaseException as exc:
         if dist.main:
             record_setup_failure(run_dir, exc)
@@ -340,7 +341,7 @@ def _run(recipe: Recipe, mode: str, artifacts: Path, resume: bool, callbacks: Ca
 
 def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: distributed.Distributed,
                      device: torch.device, dataset: Dataset, teacher: Teacher | None, run_dir: Path,
-                     last: dict | None) -> dict:
+                     last: dict | None, stops: StopSignals) -> dict:
     if mode == "train" and dataset.splits["train"].unlabeled_count:
         log.info("training without a teacher: the %d unlabeled photos are left out (only distillation learns "
                  "from them)", dataset.splits["train"].unlabeled_count)
@@ -348,6 +349,7 @@ def _prepare_and_fit(recipe: Recipe, mode: str, callbacks: Callbacks, dist: dist
     with dist.node_main_first():
         train_split = render_split(recipe, dataset)
     trainer = Trainer(recipe, mode, run_dir, dataset, device, teacher, callbacks, dist, train_split)
+    trainer.stops = stops
     if teacher is not None:
         trainer.teacher_logits, trainer.views, trainer.teacher_forward = teacher_sources(
             recipe, dataset, teacher, device, trainer.train_split, last, dist)
