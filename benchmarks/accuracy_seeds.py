@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from timed_run import summary_of  # benchmarks/, beside this script
+
 REPO = Path(__file__).resolve().parent.parent
 DONE = {"finished", "early_stopped"}
 
@@ -87,11 +89,6 @@ EXTRA_ROWS = [
     *_plus_kd_rows("s_plus_nols", "s_plus_ens_nols", "from the ensemble of the no-KD 8-blocks without label "
                    "smoothing", ensemble=True, methods=("kd", "dkd")),
 ]
-
-
-def summary_of(artifacts: Path, name: str) -> dict | None:
-    path = artifacts / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_one(args, artifacts: Path, row: Row, seed: int) -> dict:

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from timed_run import run_timed, wall_seconds_file  # benchmarks/, beside this script
+from timed_run import run_timed, summary_of, wall_seconds_file  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parent.parent
 DONE = {"finished", "early_stopped"}
@@ -60,11 +60,6 @@ ROWS = [
         "distill",
         "intel_8block_lite0.yaml", (0,), (*HALF, "data.hidden_labels=unlabeled"), baseline="s8_half"),
 ]
-
-
-def summary_of(artifacts: Path, name: str) -> dict | None:
-    path = artifacts / name / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def run_one(args, row: Row, seed: int) -> dict:
