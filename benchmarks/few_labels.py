@@ -16,6 +16,10 @@ fraction (100%, 10%, 1%: stratified, seeded, nested) three rows, each a subproce
   KD        the same student distilled from that teacher on every training photo: the labelled ones and,
             below 100%, the others as unlabeled photos (data.hidden_labels: unlabeled; KL only for them)
 
+Beside the 10% KD row, variants (VARIANTS): the KL alone (T 1, alpha 1: SimCLRv2's distillation), and a
+self-trained teacher (Noisy Student): recipes/few_labels_teacher_selftrained.yaml distils a fresh Lite0 from
+the 10% teacher on every photo (t10st_s0), then the 8-block learns from it (k10st_s0, k10st_s1).
+
 Every student row has the same epoch budget (--epochs, the recipe's 12) and precision. Prints a markdown
 table: teacher best val accuracy (the checkpoint that teaches), students' last-epoch val accuracy (mean ±
 half-range over seeds), each row's wall time (summed over attempts when resumed; a KD row's first seed
@@ -49,10 +53,29 @@ class Fraction:
     nokd_seeds: tuple[int, ...]
 
 
-# Variants of a fraction's KD row measured beside it: (run-name prefix, fraction key, overrides, seeds, label)
+@dataclass(frozen=True)
+class Variant:
+    """A variant of a fraction's KD row, measured beside it. With `teacher` (a recipe), its students learn from
+    that recipe's run instead, itself distilled from the fraction's teacher (run name t<prefix minus k>_s0)."""
+
+    prefix: str  # its students' run-name prefix
+    key: str  # the fraction
+    label: str
+    overrides: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0, 1)
+    teacher: str | None = None
+
+    @property
+    def teacher_run(self) -> str | None:
+        return f"t{self.prefix[1:]}_s0" if self.teacher else None
+
+
 VARIANTS = [
-    ("k10p", "10", ("distill.temperature=1", "distill.alpha=1.0"), (0, 1),
-     "KD at T = 1 and α = 1 (the KL alone, no label term: SimCLRv2's distillation)"),
+    Variant("k10p", "10", "KD at T = 1 and α = 1 (the KL alone, no label term: SimCLRv2's distillation)",
+            ("distill.temperature=1", "distill.alpha=1.0")),
+    Variant("k10st", "10", "KD from a self-trained teacher (recipes/few_labels_teacher_selftrained.yaml: a fresh "
+            "Lite0 distilled from the 10% teacher on every photo, then teaching)",
+            teacher="few_labels_teacher_selftrained.yaml"),
 ]
 
 FRACTIONS = [
@@ -97,14 +120,19 @@ def plan(args) -> list[tuple[str, str, str, list[str]]]:
             checkpoint = args.artifacts / teacher / "best.pt"
             runs[name] = (name, "distill", STUDENT, [s.format(seed) for s in student] +
                           [f"teacher.checkpoint={checkpoint}"])
-    for prefix, key, extra, seeds, _ in VARIANTS:
-        for seed in seeds:
-            base = runs[f"k{key}_s0"]
-            name = f"{prefix}_s{seed}"
+    for v in VARIANTS:
+        extra = list(v.overrides)
+        if v.teacher:
+            first = args.artifacts / f"t{v.key}_s0" / "best.pt"
+            runs[v.teacher_run] = (v.teacher_run, "distill", v.teacher, ["train.seed=0", f"teacher.checkpoint={first}"])
+            extra.append(f"teacher.checkpoint={args.artifacts / v.teacher_run / 'best.pt'}")  # the later one wins
+        for seed in v.seeds:
+            base = runs[f"k{v.key}_s0"]
+            name = f"{v.prefix}_s{seed}"
             runs[name] = (name, "distill", STUDENT, [o.replace("train.seed=0", f"train.seed={seed}")
-                                                      for o in base[3]] + list(extra))
+                                                      for o in base[3]] + extra)
     order = ["t100_s0", "t10_s0", "k10_s0", "n100_s0", "k10_s1", "n10_s0", "k100_s0", "t1_s0", "n1_s0",
-             "k1_s0", "n100_s1"]
+             "k1_s0", "n100_s1", "t10st_s0", "k10st_s0", "k10st_s1"]
     return [runs[name] for name in order if name in runs] + [r for name, r in runs.items() if name not in order]
 
 
@@ -152,10 +180,11 @@ def table(args, results: dict[str, dict]) -> str:
         labelled = next((r["labelled"] for r in [*kd, *nokd, *teacher] if r.get("labelled")), "?")
         lines.append(f"| {f.value:.0%} | {labelled} | {_cell(teacher, 'best_val_acc')} | {_cell(nokd)} | "
                      f"{_cell(kd)} |")
-    for prefix, key, extra, _, label in VARIANTS:
-        variant = runs(prefix, "")
-        if variant:
-            lines.append(f"| {key}%, {label} | | | | {_cell(variant)} |")
+    for v in VARIANTS:
+        variant, teacher = runs(v.prefix, ""), [results[v.teacher_run]] if v.teacher_run in results else []
+        if variant or teacher:
+            lines.append(f"| {v.key}%, {v.label} | | {_cell(teacher, 'best_val_acc') if v.teacher else ''} | | "
+                         f"{_cell(variant)} |")
     lines += ["", *verdict(results, runs)]
     return "\n".join(lines)
 
@@ -173,12 +202,12 @@ def verdict(results: dict[str, dict], runs) -> list[str]:
         gain = 100 * (mean(kd10) - mean(base))
         lines.append(f"- 10% labels, KD vs 100% labels, no KD: {gain:+.2f} points (bar: at least +1.00, "
                      f"{len(kd10)} KD seed(s), {len(base)} no-KD seed(s)): {'met' if gain >= 1.0 else 'NOT met'}")
-    for prefix, key, _, _, label in VARIANTS:
-        variant = runs(prefix, "")
+    for v in VARIANTS:
+        variant = runs(v.prefix, "")
         if base and variant:
             gain = 100 * (mean(variant) - mean(base))
-            lines.append(f"- {key}% labels, {label}, vs 100% labels, no KD: {gain:+.2f} points ({len(variant)} "
-                         f"seed(s)): {'met' if gain >= 1.0 else 'NOT met'}")
+            lines.append(f"- {v.key}% labels, {v.label}, vs 100% labels, no KD: {gain:+.2f} points "
+                         f"({len(variant)} seed(s)): {'met' if gain >= 1.0 else 'NOT met'}")
     if base and kd1:
         gain = 100 * (mean(kd1) - mean(base))
         lines.append(f"- 1% labels, KD vs 100% labels, no KD: {gain:+.2f} points (bar: within 3.00): "
@@ -189,6 +218,12 @@ def verdict(results: dict[str, dict], runs) -> list[str]:
         lines.append(f"- the 10% pipeline (teacher {teacher['wall_seconds'] / 60:.1f} min, then the first student "
                      f"with its teacher-views fill {first['fill_seconds'] or 0:.0f} s ({first['fill_forward']})): "
                      f"{total / 60:.1f} min (bar: at most 30)")
+    second, student = results.get("t10st_s0"), results.get("k10st_s0")
+    if teacher and second and student:
+        total = teacher["wall_seconds"] + second["wall_seconds"] + student["wall_seconds"]
+        lines.append(f"- the 10% pipeline with the self-trained teacher (teacher {teacher['wall_seconds'] / 60:.1f}, "
+                     f"self-trained teacher {second['wall_seconds'] / 60:.1f}, first student "
+                     f"{student['wall_seconds'] / 60:.1f} min): {total / 60:.1f} min")
     return lines
 
 

@@ -244,3 +244,35 @@ def test_the_few_label_recipes_run_a_tiny_epoch_and_say_who_teaches_whom(tmp_pat
     summary = json.loads((tmp_path / "art" / "few_labels_8block" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["dataset"]["labelled"] == 6
     assert summary["dataset"]["unlabeled"] == 18 and summary["teacher_views_fill"]["views"] == 24 * 8
+
+
+def test_the_self_trained_teacher_recipe_learns_from_every_photo_and_then_teaches(tmp_path):
+    """recipes/few_labels_teacher_selftrained.yaml, shrunk: a fresh Lite0 distilled from the first teacher on the
+    labelled and the unlabeled photos; its best.pt then teaches the 8-block like any teacher."""
+    from click.testing import CliRunner
+
+    from conftest import RECIPES
+    from edgekd.cli import cli as main
+
+    root = labelled_root(tmp_path, per_class=8)
+    small = [f"data.root={root}", "data.classes=[buildings, forest, sea]", "data.label_fraction=0.25",
+             "train.epochs=1", "train.batch_size=8", "data.image_size=32"]
+    runner = CliRunner()
+
+    def invoke(command, recipe, *extra):
+        result = runner.invoke(main, [command, str(RECIPES / recipe), "--artifacts", "art",
+                                      *[a for item in [*small, *extra] for a in ("--set", item)]])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    invoke("train", "few_labels_teacher.yaml")
+    output = invoke("distill", "few_labels_teacher_selftrained.yaml", "augment.render_size=32",
+                    f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher'}")
+    assert "train 24 (6 labelled, 18 taught by the teacher alone)" in output
+    summary = json.loads((tmp_path / "art" / "few_labels_teacher_selftrained" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["model"]["name"] == "efficientnet_lite0"
+    assert (summary["dataset"]["labelled"], summary["dataset"]["unlabeled"]) == (6, 18)
+    invoke("distill", "few_labels_8block.yaml", "data.image_size=16", "augment.render_size=32", "model.blocks=2",
+           "precision=fp32", f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher_selftrained'}")
+    student = json.loads((tmp_path / "art" / "few_labels_8block" / "summary.json").read_text())
+    assert student["status"] == "finished" and "few_labels_teacher_selftrained" in json.dumps(student["teacher"])
