@@ -104,3 +104,13 @@ def distilled_run(tmp_path_factory):
     run(load_recipe(teacher, ["train.epochs=4"]), "train", base / "artifacts")
     run(load_recipe(student, ["train.epochs=6", "train.lr=0.003"]), "distill", base / "artifacts")
     return base / "artifacts" / "tiny_student"
+
+
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Python's own Ctrl-C handler for the test, even when the suite runs where SIGINT is ignored (a script's `&`)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

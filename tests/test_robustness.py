@@ -194,7 +194,7 @@ def test_sigterm_saves_where_it_stopped_and_the_resume_matches_an_uninterrupted_
     _same_run(tmp_path / "whole" / "artifacts" / "slow", run_dir)
 
 
-def test_interrupts_are_deferred_until_the_writes_finish():
+def test_interrupts_are_deferred_until_the_writes_finish(sigint_as_in_a_terminal):
     finished = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():

@@ -244,7 +244,8 @@ class SignalAtBatch(Callbacks):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_a_stop_signal_saves_the_batch_in_hand_and_the_resume_is_bit_for_bit(tmp_path, teacher_recipe, signum):
+def test_a_stop_signal_saves_the_batch_in_hand_and_the_resume_is_bit_for_bit(tmp_path, teacher_recipe, signum,
+                                                                             sigint_as_in_a_terminal):
     from edgekd.train.stop_signals import Stopped
 
     overrides = ["train.epochs=3", "train.checkpoint_seconds=null"]  # no periodic save: only the stop saves
