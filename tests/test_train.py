@@ -172,6 +172,17 @@ def test_an_interrupted_run_resumed_ends_like_an_uninterrupted_one(tmp_path, tea
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def _same_run_bit_for_bit(whole_dir, cut_dir):
+    """The same metrics but for timing, and the same weights bit for bit, in both checkpoints."""
+    assert _strip_timing(MetricsLog(cut_dir / "metrics.jsonl").read()) == \
+        _strip_timing(MetricsLog(whole_dir / "metrics.jsonl").read())
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(whole_dir / name, weights_only=True)["state_dict"]
+        b = torch.load(cut_dir / name, weights_only=True)["state_dict"]
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 class StopAtBatch(Callbacks):
     """Simulates a crash in the middle of an epoch, after some mid-epoch saves."""
 
@@ -217,13 +228,7 @@ def test_a_run_stopped_mid_epoch_resumes_from_that_batch_bit_for_bit(tmp_path, t
     assert state["epoch_progress"]["epoch"] == 2 and state["epoch_progress"]["next_batch"] == 2
     resumed = run(load_recipe(recipe_path, overrides), mode, tmp_path / "cut", resume=True)
     assert resumed["epochs_done"] == 3
-    whole_records = MetricsLog(tmp_path / "whole" / whole["run"] / "metrics.jsonl").read()
-    assert _strip_timing(MetricsLog(cut_dir / "metrics.jsonl").read()) == _strip_timing(whole_records)
-    for name in ("last.pt", "best.pt"):
-        a = torch.load(tmp_path / "whole" / whole["run"] / name, weights_only=True)["state_dict"]
-        b = torch.load(cut_dir / name, weights_only=True)["state_dict"]
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    _same_run_bit_for_bit(tmp_path / "whole" / whole["run"], cut_dir)
 
 
 class SignalAtBatch(Callbacks):
@@ -259,13 +264,7 @@ def test_a_stop_signal_saves_the_batch_in_hand_and_the_resume_is_bit_for_bit(tmp
     assert state["epoch_progress"]["epoch"] == 2 and state["epoch_progress"]["next_batch"] == 3
     resumed = run(load_recipe(teacher_recipe, overrides), "train", tmp_path / "cut", resume=True)
     assert resumed["epochs_done"] == 3
-    whole_records = MetricsLog(tmp_path / "whole" / whole["run"] / "metrics.jsonl").read()
-    assert _strip_timing(MetricsLog(cut_dir / "metrics.jsonl").read()) == _strip_timing(whole_records)
-    for name in ("last.pt", "best.pt"):
-        a = torch.load(tmp_path / "whole" / whole["run"] / name, weights_only=True)["state_dict"]
-        b = torch.load(cut_dir / name, weights_only=True)["state_dict"]
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    _same_run_bit_for_bit(tmp_path / "whole" / whole["run"], cut_dir)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with it
 
 
