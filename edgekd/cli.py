@@ -218,12 +218,18 @@ def _run_stage(mode: str, recipe_path: str, overrides, resume: bool, artifacts, 
 
 def _continue_command(mode: str, recipe_path: str, overrides, artifacts, precision, nproc: int) -> str:
     """The command that resumes this same run: every option that chose its recipe and folder, shell-quoted."""
+    return _command_line([mode, recipe_path], overrides, artifacts,
+                         [*(["--precision", precision] if precision else []),
+                          *(["--nproc", str(nproc)] if nproc > 1 else []), "--resume"])
+
+
+def _command_line(head: list[str], overrides, artifacts, tail: list[str]) -> str:
+    """`edgekd HEAD --set O... [--artifacts A] TAIL`, shell-quoted: how a stopped stage or sweep is continued."""
     import shlex
 
-    words = ["edgekd", mode, recipe_path, *(w for o in overrides for w in ("--set", o))]
-    words += [*(["--artifacts", str(artifacts)] if artifacts else []),
-              *(["--precision", precision] if precision else []), *(["--nproc", str(nproc)] if nproc > 1 else [])]
-    return shlex.join([*words, "--resume"])
+    words = ["edgekd", *head, *(w for o in overrides for w in ("--set", o)),
+             *(["--artifacts", str(artifacts)] if artifacts else []), *tail]
+    return shlex.join(words)
 
 
 @cli.command()
@@ -609,13 +615,10 @@ def sweep(obj, sweep_file, overrides, artifacts, export, dry_run) -> None:
     try:
         state = run_sweep(SweepPlan(sweep_file, list(overrides), root, export), _sweep_events(obj["quiet"]))
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM
-        import shlex
-
-        again = ["edgekd", "sweep", sweep_file, *(w for o in overrides for w in ("--set", o)),
-                 *(["--artifacts", str(artifacts)] if artifacts else []),
-                 *([] if export is None else ["--export" if export else "--no-export"])]
+        again = _command_line(["sweep", sweep_file], overrides, artifacts,
+                              [] if export is None else ["--export" if export else "--no-export"])
         click.echo(f"\ninterrupted; finished members and epochs are saved. Continue with the same command: "
-                   f"{shlex.join(again)}", err=True)
+                   f"{again}", err=True)
         sys.exit(getattr(stop, "exit_code", 130))
     sweep_dir = root / state["sweep"]
     click.echo(f"\n{'member':<24} {'role':<9} {'precision':<9} {'status':<14} run folder")
