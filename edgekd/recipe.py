@@ -220,7 +220,8 @@ class DistillConfig:
     # bf16 instructions; fp16 on CUDA), onnxruntime on its fp32 export and OpenVINO bf16 on that file (where
     # the CPU has bf16 instructions and openvino is installed), and takes the fastest. The choice is timed,
     # so two fills of the same views (a new cache, another machine) may differ in precision; onnxruntime
-    # (one fp32 path) makes them repeat exactly. A fill shared through the cache is read, never redone.
+    # (one fp32 path) makes them repeat exactly. A fill shared through the cache is read, never redone. A job
+    # PyTorch fp32 finishes in under 30 s is not worth an export: auto keeps PyTorch fp32 there.
     teacher_forward: str = field(default="auto", metadata=_choices("auto", "torch", "onnxruntime", "openvino"))
 
 

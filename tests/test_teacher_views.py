@@ -157,7 +157,7 @@ def test_the_live_teacher_runs_on_the_forward_the_run_reports(tmp_path, image_da
     model, _ = load_model(teacher)
     calls, asked = [], []
 
-    def fake_fastest(model_, meta, device, probe, folder, choice="auto", earlier=None):
+    def fake_fastest(model_, meta, device, probe, folder, choice="auto", earlier=None, views=None):
         asked.append((tuple(probe.shape), earlier))
 
         def run_(pixels):
@@ -212,7 +212,8 @@ def _plain(model):
     """A choose_forward that always takes PyTorch fp32 (what these tests compare against)."""
     from edgekd.train.teacher_forward import TeacherForward, _torch_forward
 
-    return lambda probe, earlier: TeacherForward("torch fp32 (test)", _torch_forward(model, torch.device("cpu"), None))
+    return lambda probe, earlier, views: TeacherForward("torch fp32 (test)",
+                                                 _torch_forward(model, torch.device("cpu"), None))
 
 
 def _fill_args(tmp_path, image_dataset, teacher) -> dict:
@@ -377,6 +378,23 @@ def test_the_fastest_teacher_forward_is_measured_and_onnxruntime_matches_torch(t
                                rtol=1e-4, atol=1e-4)
     kept = fastest_forward(model, meta, torch.device("cpu"), probe, tmp_path / "onnx", earlier=via_onnx.name)
     assert kept.name == via_onnx.name and kept.images_per_s is None  # a resumed fill keeps its path, unmeasured
+
+
+def test_a_job_smaller_than_an_export_keeps_pytorchs_pass_and_a_large_one_measures(teacher, tmp_path, caplog):
+    from edgekd.train.checkpoint import file_sha256, load_model
+    from edgekd.train.teacher_forward import fastest_forward
+
+    model, meta = load_model(teacher)
+    meta["sha256"] = file_sha256(teacher)
+    probe = torch.rand(8, 3, 32, 32) * 255
+    with caplog.at_level(logging.INFO):
+        small = fastest_forward(model, meta, torch.device("cpu"), probe, tmp_path / "onnx", views=96)
+    assert small.name == "torch fp32 (CPU, channels-last)" and small.images_per_s > 0
+    assert "too few to pay for an export" in caplog.text and not (tmp_path / "onnx").exists()  # nothing exported
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        fastest_forward(model, meta, torch.device("cpu"), probe, tmp_path / "onnx", views=10**12)
+    assert "onnxruntime fp32 (CPU)" in caplog.text and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 
 
 def test_a_distillation_run_says_which_teacher_forward_filled_its_views(tmp_path, image_dataset, teacher):

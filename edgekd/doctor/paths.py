@@ -60,7 +60,7 @@ def fill_views(model, meta: dict, split, augment, forward: str, device: str, cac
         raise RuntimeError(f"this machine offers no {forward!r} (offered: {', '.join(offered)})")
     build = offered[forward]
     started = time.perf_counter()
-    views = teacher_views(lambda probe, earlier: TeacherForward(forward, build()), meta["sha256"],
+    views = teacher_views(lambda probe, earlier, count_: TeacherForward(forward, build()), meta["sha256"],
                           len(meta["class_names"]), split, augment, split.images.shape[1],
                           meta["image_size"], count, 0, 0, cache_root, batch_size, scope=f"smoke-{forward}")
     seconds = time.perf_counter() - started

@@ -166,9 +166,9 @@ def _stored_views(recipe: Recipe, dataset: Dataset, teacher: Teacher, split: Spl
     model, meta = teacher
     cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_root()
 
-    def choose(probe: torch.Tensor, earlier: str | None) -> TeacherForward:
+    def choose(probe: torch.Tensor, earlier: str | None, views: int) -> TeacherForward:
         return fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
-                               recipe.distill.teacher_forward, earlier)
+                               recipe.distill.teacher_forward, earlier, views)
 
     return teacher_views(choose, meta["sha256"], len(meta["class_names"]), split, recipe.augment.views,
                          split.images.shape[1], meta["image_size"], recipe.distill.teacher_views,
@@ -213,7 +213,7 @@ def _live_forward(recipe: Recipe, teacher: Teacher, split: Split, device: torch.
     drawn = draw_views(len(first.rows), first.pixels.shape[-1], recipe.augment, batch_generator(0, 0, 0))
     probe = render_views(first.pixels, drawn, recipe.augment, meta["image_size"])
     forward = fastest_forward(model, meta, device, probe, cache_root / "teacher-onnx",
-                              recipe.distill.teacher_forward, earlier)
+                              recipe.distill.teacher_forward, earlier, recipe.train.epochs * len(split.rows))
     if earlier is not None and forward.name != earlier:
         log.warning("teacher forward: this run began with %s, which is not offered now (this machine, or "
                     "distill.teacher_forward); it continues with %s, whose logits differ slightly", earlier,

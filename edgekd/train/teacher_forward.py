@@ -9,7 +9,8 @@ bf16 instructions: emulated, it is slower than fp32. Each candidate runs the sam
 then three interleaved timed runs; the fastest median per image wins. Measured on 2 AMX cores, Lite0 at
 150 px: OpenVINO bf16 640 views/s, onnxruntime fp32 333, PyTorch bf16 214, PyTorch fp32 80.
 
-`distill.teacher_forward` forces one (torch, onnxruntime, openvino); `auto` measures.
+`distill.teacher_forward` forces one (torch, onnxruntime, openvino); `auto` measures, except for a job PyTorch
+fp32 finishes before the export would (`small_job`).
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ def candidates(model: torch.nn.Module, meta: dict, device: torch.device, folder:
 
 
 def fastest_forward(model: torch.nn.Module, meta: dict, device: torch.device, probe: torch.Tensor, folder: Path,
-                    choice: str = "auto", earlier: str | None = None) -> TeacherForward:
+                    choice: str = "auto", earlier: str | None = None, views: int | None = None) -> TeacherForward:
     """The fastest of the candidates on `probe` (real views at the teacher's size), timed on a second run;
-    `earlier`, when this machine offers it, is kept without measuring (a resumed fill computes as it began)."""
+    `earlier`, when this machine offers it, is kept without measuring (a resumed fill computes as it began).
+    `views`, the number of views the pass will run (None: not known), lets a small job keep PyTorch's own
+    pass when the whole job takes less than exporting the teacher would (`small_job`)."""
     model.eval()
     offered = candidates(model, meta, device, folder, choice)
     if not offered:
@@ -122,6 +125,9 @@ def fastest_forward(model: torch.nn.Module, meta: dict, device: torch.device, pr
     if len(offered) == 1:
         name, build = next(iter(offered.items()))
         return TeacherForward(name, build())
+    small = small_job(offered, probe, views) if views is not None else None
+    if small is not None:
+        return small
     runs = {}
     for name, build in offered.items():
         try:
@@ -142,3 +148,26 @@ def fastest_forward(model: torch.nn.Module, meta: dict, device: torch.device, pr
     best = max(measured, key=lambda forward: forward.images_per_s)
     log.info("teacher forward: %s", ", ".join(f"{f.name} {f.images_per_s:.0f} img/s" for f in measured))
     return best
+
+
+# Exporting the teacher to ONNX and timing every candidate costs seconds to tens of seconds (the dynamo
+# exporter on EfficientNet-Lite0: about 20 s on 2 cores). A job PyTorch finishes in less is run as it is.
+SMALL_JOB_SECONDS = 30.0
+
+
+def small_job(offered: dict[str, Callable[[], Forward]], probe: torch.Tensor, views: int) -> TeacherForward | None:
+    """PyTorch's own pass when it runs all `views` in under SMALL_JOB_SECONDS (timed on `probe` after a
+    warm-up), else None: the job is worth measuring the exported candidates for."""
+    name = next((n for n in offered if n.startswith("torch fp32")), None)
+    if name is None or all(n.startswith("torch") for n in offered):  # nothing to export: measure them all
+        return None
+    run = offered[name]()
+    run(probe)  # warm-up
+    start = time.perf_counter()
+    run(probe)
+    images_per_s = len(probe) / max(time.perf_counter() - start, 1e-9)
+    if views / images_per_s >= SMALL_JOB_SECONDS:
+        return None
+    log.info("teacher forward: %s (%d views take about %.0f s at its %.0f img/s: too few to pay for an export "
+             "and the other candidates' timing)", name, views, views / images_per_s, images_per_s)
+    return TeacherForward(name, run, images_per_s)

@@ -270,7 +270,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def teacher_views(choose_forward: Callable[[torch.Tensor, str | None], TeacherForward], teacher_sha256: str,
+def teacher_views(choose_forward: Callable[[torch.Tensor, str | None, int], TeacherForward], teacher_sha256: str,
                   num_classes: int, split: Split, config: AugmentConfig, render_size: int, teacher_size: int,
                   count: int, seed: int, choice_seed: int, cache_root: Path, batch_size: int = 128,
                   scope: str = "") -> TeacherViews:
@@ -278,8 +278,9 @@ def teacher_views(choose_forward: Callable[[torch.Tensor, str | None], TeacherFo
 
     `seed` draws the views (students of several seeds can share one fill); `choice_seed` picks each
     epoch's view per photo (the student's own seed). `choose_forward(probe, earlier)` gives the teacher's
-    forward pass: measured on `probe` (real views at the teacher's size), or the one named `earlier` that
-    began this store's fill, so a resumed fill computes exactly what an uninterrupted one would have.
+    forward pass: measured on `probe` (real views at the teacher's size) for `views` views to fill, or the one
+    named `earlier` that began this store's fill, so a resumed fill computes exactly what an uninterrupted one
+    would have.
     `scope` keeps stores apart that would otherwise be one (doctor's rows, one per forward pass)."""
     key = store_key(teacher_sha256, config, render_size, teacher_size, count, seed, scope)
     folder = cache_root / "teacher-views" / key
@@ -307,7 +308,7 @@ def _fill_missing(choose_forward, split: Split, entry: TeacherViews, config: Aug
     earlier = path_file.read_text().strip() if path_file.is_file() and filled.any() else None
     rows, slots = _todo(entry, split.rows, filled)
     probe = _render(split, entry.params, rows[:32], slots[:32], 0, config, teacher_size)
-    forward = choose_forward(probe, earlier)
+    forward = choose_forward(probe, earlier, entry.count * missing)
     if earlier is None:
         path_file.write_text(forward.name + "\n")
     done = len(np.unique(entry.slots[split.rows])) - missing
