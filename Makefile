@@ -12,6 +12,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 TORCH_INDEX ?= auto
 export TORCH_INDEX
 STAMP := $(VENV)/.edgekd-installed
+# pytest-xdist workers for `make test` (auto: one per core; 0 runs the suite in this one process)
+TEST_WORKERS ?= auto
 
 .PHONY: demo test install wheel clean-venv
 
@@ -28,7 +30,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-fashion-mnist.sh --optional
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 wheel:
 	$(PYTHON) -m pip wheel --no-deps . -w dist

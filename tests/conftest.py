@@ -18,6 +18,18 @@ settings.register_profile("replay", derandomize=True, database=None)
 settings.register_profile("explore")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "replay"))
 
+# `make test` runs two pytest-xdist workers on two cores: each computes on one thread (set before torch is
+# imported; the runs the tests start inherit it), as two torch pools of two threads on two cores spend
+# their time waiting for each other. An OMP_NUM_THREADS of your own is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first: under xdist's file scheduling their files start at once instead of
+    ending the run on one worker while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 CLASS_COLOURS = {"buildings": (200, 60, 60), "forest": (40, 180, 60), "sea": (50, 80, 210)}
 
 

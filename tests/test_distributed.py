@@ -75,6 +75,7 @@ def test_an_uneven_global_batch_is_refused(tmp_path, teacher_recipe):
     assert done.returncode != 0 and "does not split evenly over 2 processes" in done.stderr
 
 
+@pytest.mark.slow
 def test_mid_epoch_saves_under_ddp_are_collective_and_change_nothing(tmp_path, teacher_recipe):
     """Every rank joins each mid-epoch save (no deadlock), the saved sums cover both ranks, and saving
     after every batch leaves the run's metrics exactly as without."""

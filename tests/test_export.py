@@ -235,6 +235,7 @@ def test_a_layer_that_rounding_destroys_is_kept_in_float_and_named(distilled_run
     assert "int8 meets the gate with 1 layer(s) in float (net.head.3)" in caplog.text
 
 
+@pytest.mark.slow
 def test_an_export_that_cannot_meet_the_gate_fails_and_writes_no_file(distilled_run, tmp_path, monkeypatch):
     checkpoint = _fragile_checkpoint(distilled_run, tmp_path / "fragile", both_head_layers=True)
     with pytest.raises(ExportError, match="int8 misses the gate on 18 held-out val images") as failure:

@@ -21,6 +21,7 @@ if not (SAMPLE / "train").is_dir():  # a checkout beside /work/shared, as in thi
     SAMPLE = Path("/work/shared/datasets/intel-sample")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SAMPLE / "train").is_dir(), reason="the Intel sample is not on this machine")
 def test_gpu_check_cpu_form_runs_end_to_end_and_prints_its_table(tmp_path):
     out = tmp_path / "check"

@@ -176,6 +176,7 @@ def test_ctrl_c_leaves_a_resumable_run_and_says_how(tmp_path, image_dataset):
     assert epochs == list(range(1, len(epochs) + 1))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_where_it_stopped_and_the_resume_matches_an_uninterrupted_run(tmp_path, image_dataset):
     # `kill`, `docker stop`, `timeout` or a cluster preempting the job: the batch in hand is finished and saved
     recipe = _slow_recipe(tmp_path, image_dataset, epochs=3)

@@ -43,6 +43,7 @@ def next_commands(output: str) -> list[list[str]]:
     return [shlex.split(line)[1:] for line in lines if line.strip().startswith("edgekd ")]
 
 
+@pytest.mark.slow
 def test_init_then_the_printed_commands_reach_a_validated_int8_file(tmp_path):
     started = time.monotonic()
     data = kaggle_style_tree(tmp_path / "My Photos")

@@ -218,61 +218,60 @@ def test_no_hidden_label_reaches_a_cross_entropy_term_teacher_or_student(tmp_pat
     assert (summary["dataset"]["labelled"], summary["dataset"]["unlabeled"]) == (12, 36)
 
 
-def test_the_few_label_recipes_run_a_tiny_epoch_and_say_who_teaches_whom(tmp_path):
-    """recipes/few_labels_teacher.yaml then few_labels_8block.yaml, shrunk to a generated tree: the teacher
-    trains on the labelled photos alone, the student learns from all of them, and the first lines say so."""
+FEW_LABELS_SMALL = ["data.classes=[buildings, forest, sea]", "data.label_fraction=0.25", "train.epochs=1",
+                    "train.batch_size=8"]
+
+
+def _invoke(command: str, recipe: str, artifacts, *overrides: str) -> str:
     from click.testing import CliRunner
 
     from conftest import RECIPES
     from edgekd.cli import cli as main
 
-    root = labelled_root(tmp_path, per_class=8)
-    small = [f"data.root={root}", "data.classes=[buildings, forest, sea]", "data.label_fraction=0.25",
-             "train.epochs=1", "train.batch_size=8"]
-    runner = CliRunner()
-    teacher = runner.invoke(main, ["train", str(RECIPES / "few_labels_teacher.yaml"), "--artifacts", "art",
-                                   *[a for item in [*small, "data.image_size=32"] for a in ("--set", item)]])
-    assert teacher.exit_code == 0, teacher.output
-    assert "train 6, val 6 images" in teacher.output and "labels of 25% of train kept (18 hidden" in teacher.output
-    student = runner.invoke(main, ["distill", str(RECIPES / "few_labels_8block.yaml"), "--artifacts", "art",
-                                   *[a for item in [*small, "data.image_size=16", "augment.render_size=32",
-                                                    "model.blocks=2", "precision=fp32",
-                                                    f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher'}"]
-                                     for a in ("--set", item)]])
-    assert student.exit_code == 0, student.output
-    assert "train 24 (6 labelled, 18 taught by the teacher alone)" in student.output
+    result = CliRunner().invoke(main, [command, str(RECIPES / recipe), "--artifacts", str(artifacts),
+                                       *[a for item in overrides for a in ("--set", item)]])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def few_label_teacher(tmp_path_factory):
+    """recipes/few_labels_teacher.yaml shrunk to a generated tree (Lite0 at 32 px, one epoch): the generated
+    root, the teacher's run folder and what `edgekd train` printed. Shared by the two tests below."""
+    base = tmp_path_factory.mktemp("few_labels")
+    root = labelled_root(base, per_class=8)
+    output = _invoke("train", "few_labels_teacher.yaml", base / "art", f"data.root={root}", *FEW_LABELS_SMALL,
+                     "data.image_size=32", f"data.cache_dir={base / 'cache'}")
+    return root, base / "art" / "few_labels_teacher", output
+
+
+def test_the_few_label_recipes_run_a_tiny_epoch_and_say_who_teaches_whom(tmp_path, few_label_teacher):
+    """recipes/few_labels_teacher.yaml then few_labels_8block.yaml, shrunk to a generated tree: the teacher
+    trains on the labelled photos alone, the student learns from all of them, and the first lines say so."""
+    root, teacher, teacher_output = few_label_teacher
+    assert "train 6, val 6 images" in teacher_output and "labels of 25% of train kept (18 hidden" in teacher_output
+    output = _invoke("distill", "few_labels_8block.yaml", "art", f"data.root={root}", *FEW_LABELS_SMALL,
+                     "data.image_size=16", "augment.render_size=32", "model.blocks=2", "precision=fp32",
+                     f"teacher.checkpoint={teacher}")
+    assert "train 24 (6 labelled, 18 taught by the teacher alone)" in output
     summary = json.loads((tmp_path / "art" / "few_labels_8block" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["dataset"]["labelled"] == 6
     assert summary["dataset"]["unlabeled"] == 18 and summary["teacher_views_fill"]["views"] == 24 * 8
 
 
-def test_the_self_trained_teacher_recipe_learns_from_every_photo_and_then_teaches(tmp_path):
+@pytest.mark.slow
+def test_the_self_trained_teacher_recipe_learns_from_every_photo_and_then_teaches(tmp_path, few_label_teacher):
     """recipes/few_labels_teacher_selftrained.yaml, shrunk: a fresh Lite0 distilled from the first teacher on the
     labelled and the unlabeled photos; its best.pt then teaches the 8-block like any teacher."""
-    from click.testing import CliRunner
-
-    from conftest import RECIPES
-    from edgekd.cli import cli as main
-
-    root = labelled_root(tmp_path, per_class=8)
-    small = [f"data.root={root}", "data.classes=[buildings, forest, sea]", "data.label_fraction=0.25",
-             "train.epochs=1", "train.batch_size=8", "data.image_size=32"]
-    runner = CliRunner()
-
-    def invoke(command, recipe, *extra):
-        result = runner.invoke(main, [command, str(RECIPES / recipe), "--artifacts", "art",
-                                      *[a for item in [*small, *extra] for a in ("--set", item)]])
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    invoke("train", "few_labels_teacher.yaml")
-    output = invoke("distill", "few_labels_teacher_selftrained.yaml", "augment.render_size=32",
-                    f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher'}")
+    root, teacher, _ = few_label_teacher
+    small = [f"data.root={root}", *FEW_LABELS_SMALL, "data.image_size=32"]
+    output = _invoke("distill", "few_labels_teacher_selftrained.yaml", "art", *small, "augment.render_size=32",
+                     f"teacher.checkpoint={teacher}")
     assert "train 24 (6 labelled, 18 taught by the teacher alone)" in output
     summary = json.loads((tmp_path / "art" / "few_labels_teacher_selftrained" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["model"]["name"] == "efficientnet_lite0"
     assert (summary["dataset"]["labelled"], summary["dataset"]["unlabeled"]) == (6, 18)
-    invoke("distill", "few_labels_8block.yaml", "data.image_size=16", "augment.render_size=32", "model.blocks=2",
-           "precision=fp32", f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher_selftrained'}")
+    _invoke("distill", "few_labels_8block.yaml", "art", *small, "data.image_size=16", "augment.render_size=32",
+            "model.blocks=2", "precision=fp32", f"teacher.checkpoint={tmp_path / 'art/few_labels_teacher_selftrained'}")
     student = json.loads((tmp_path / "art" / "few_labels_8block" / "summary.json").read_text())
     assert student["status"] == "finished" and "few_labels_teacher_selftrained" in json.dumps(student["teacher"])

@@ -123,6 +123,7 @@ def _fake_openvino(folder, body: str) -> None:
     (folder / "openvino" / "__init__.py").write_text(body)
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_openvino_rows_agree_with_onnxruntime_on_the_same_file(run_with_exports):
     result = validate_run(ValidationPlan(run_with_exports, providers=["cpu", "openvino"], batch_sizes=[1, 4],
