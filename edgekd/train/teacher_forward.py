@@ -150,8 +150,9 @@ def fastest_forward(model: torch.nn.Module, meta: dict, device: torch.device, pr
     return best
 
 
-# Exporting the teacher to ONNX and timing every candidate costs seconds to tens of seconds (the dynamo
-# exporter on EfficientNet-Lite0: about 20 s on 2 cores). A job PyTorch finishes in less is run as it is.
+# Exporting the teacher to ONNX and timing every candidate costs seconds to tens of seconds (for a tiny
+# EfficientNet-Lite0 job in the test suite, about 40 s of a 2-core machine busy with another run). A job
+# PyTorch finishes in less time than this is run as it is.
 SMALL_JOB_SECONDS = 30.0
 
 
