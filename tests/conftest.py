@@ -30,6 +30,7 @@ def pytest_collection_modifyitems(items):
     ending the run on one worker while the other idles."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
+
 CLASS_COLOURS = {"buildings": (200, 60, 60), "forest": (40, 180, 60), "sea": (50, 80, 210)}
 
 
