@@ -140,7 +140,8 @@ def plan(args) -> list[tuple[str, str, str, list[str]]]:
             runs[name] = (name, "distill", STUDENT, [o.replace("train.seed=0", f"train.seed={seed}")
                                                       for o in base[3]] + extra)
     order = ["t100_s0", "t10_s0", "k10_s0", "n100_s0", "k10_s1", "n10_s0", "k100_s0", "t1_s0", "n1_s0",
-             "k1_s0", "n100_s1", "t1st_s0", "k1st_s0", "k1st_s1", "t1st4_s0", "k1st4_s0", "t10st_s0", "k10st_s0", "k10st_s1"]
+             "k1_s0", "n100_s1", "t1st_s0", "k1st_s0", "k1st_s1", "t1st4_s0", "k1st4_s0", "t10st_s0", "k10st_s0",
+             "k10st_s1"]
     return [runs[name] for name in order if name in runs] + [r for name, r in runs.items() if name not in order]
 
 
