@@ -25,6 +25,10 @@ from edgekd.recipe import DataConfig, load_recipe
 from edgekd.runs import MetricsLog, interrupts_deferred
 from edgekd.train.trainer import run
 
+# How long a subprocess may take to reach a point it is waited for: a hang guard, not a speed test. Starting
+# python and torch takes seconds alone but can take minutes with the suite's workers and a training sharing
+# 2 cores, and 120 s has timed out there.
+STARTUP_SECONDS = 300
 CHECKPOINT_KEYS = {"train_loss", "val_loss", "val_acc", "lr", "precision", "epoch"}
 
 
@@ -47,7 +51,8 @@ def _start(recipe: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
                             preexec_fn=_as_in_a_terminal)
 
 
-def _wait_for_epochs(metrics: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for_epochs(metrics: Path, count: int, process: subprocess.Popen,
+                     timeout: float = STARTUP_SECONDS) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= count:
@@ -113,7 +118,7 @@ def test_sigkill_after_a_mid_epoch_save_resumes_to_the_uninterrupted_weights(tmp
     _finish(recipe, tmp_path / "whole", *saving)
     run_dir = tmp_path / "artifacts" / "slow"
     process = _start(recipe, tmp_path, *saving)
-    deadline = time.time() + 120
+    deadline = time.time() + STARTUP_SECONDS
     while not _mid_epoch_saved(run_dir / "last.pt"):
         assert process.poll() is None and time.time() < deadline, "no mid-epoch save seen"
         time.sleep(0.02)
@@ -132,7 +137,7 @@ def test_sigkill_before_the_first_save_restarts_the_same_folder(tmp_path, image_
     _finish(recipe, tmp_path / "whole")
     run_dir = tmp_path / "artifacts" / "slow"
     process = _start(recipe, tmp_path)
-    deadline = time.time() + 120
+    deadline = time.time() + STARTUP_SECONDS
     while not (run_dir / "summary.json").is_file():  # the folder is claimed; the first epoch is under way
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.005)
