@@ -65,6 +65,7 @@ class Variant:
     seeds: tuple[int, ...] = (0, 1)
     teacher: str | None = None
     teacher_overrides: tuple[str, ...] = ()
+    taught_by: str | None = None  # the run that teaches `teacher` (default: the fraction's teacher t<key>_s0)
 
     @property
     def teacher_run(self) -> str | None:
@@ -83,6 +84,10 @@ VARIANTS = [
             "84.59% after its first, 86.59% after its second)", seeds=(0,),
             teacher="few_labels_teacher_selftrained.yaml",
             teacher_overrides=("data.label_fraction=0.01", "train.epochs=4")),
+    Variant("k1st2", "1", "KD from a second round of self-training (a fresh Lite0 distilled for 2 epochs from "
+            "the 4-epoch self-trained teacher t1st4_s0, as Noisy Student iterates)", seeds=(0,),
+            teacher="few_labels_teacher_selftrained.yaml", teacher_overrides=("data.label_fraction=0.01",),
+            taught_by="t1st4_s0"),
 ]
 
 FRACTIONS = [
@@ -130,7 +135,7 @@ def plan(args) -> list[tuple[str, str, str, list[str]]]:
     for v in VARIANTS:
         extra = list(v.overrides)
         if v.teacher:
-            first = args.artifacts / f"t{v.key}_s0" / "best.pt"
+            first = args.artifacts / (v.taught_by or f"t{v.key}_s0") / "best.pt"
             runs[v.teacher_run] = (v.teacher_run, "distill", v.teacher, ["train.seed=0", f"teacher.checkpoint={first}",
                                                                      *v.teacher_overrides])
             extra.append(f"teacher.checkpoint={args.artifacts / v.teacher_run / 'best.pt'}")  # the later one wins
@@ -140,8 +145,8 @@ def plan(args) -> list[tuple[str, str, str, list[str]]]:
             runs[name] = (name, "distill", STUDENT, [o.replace("train.seed=0", f"train.seed={seed}")
                                                       for o in base[3]] + extra)
     order = ["t100_s0", "t10_s0", "k10_s0", "n100_s0", "k10_s1", "n10_s0", "k100_s0", "t1_s0", "n1_s0",
-             "k1_s0", "n100_s1", "t1st_s0", "k1st_s0", "k1st_s1", "t1st4_s0", "k1st4_s0", "t10st_s0", "k10st_s0",
-             "k10st_s1"]
+             "k1_s0", "n100_s1", "t1st_s0", "k1st_s0", "k1st_s1", "t1st4_s0", "k1st4_s0", "t1st2_s0", "k1st2_s0",
+             "t10st_s0", "k10st_s0", "k10st_s1"]
     return [runs[name] for name in order if name in runs] + [r for name, r in runs.items() if name not in order]
 
 
