@@ -16,7 +16,8 @@ unless --teacher names a best.pt); students at 64 px. Rows, each a subprocess of
   function m.    edgekd distill recipes/intel_8block_fm.yaml (live teacher, mixup on every batch, KL alone, T 1)
 
 --epochs (default 30) runs each row with seeds 0 and 1 (--seeds); --long adds the long schedule (--long-epochs,
-default 100, seed 0) for the 8-block, or the 4-block with --long-student 4. Columns: val accuracy (last epoch,
+default 100, seed 0) for the 8-block, or the 4-block with --long-student 4; --long-only runs the long rows
+alone. Columns: val accuracy (last epoch,
 best), share of the gap closed = (student - no KD) / (teacher - no KD) on last-epoch accuracy, with no KD at
 the same epochs; fidelity = top-1 agreement with the teacher on the training views of the last epoch
 (metrics.jsonl's train_agreement; Stanton et al. 2021); cost per epoch (the median epoch) as a multiple of no
@@ -200,6 +201,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="the standard schedule")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the standard schedule's seeds")
     parser.add_argument("--long", action="store_true", help="also the long schedule (1 seed)")
+    parser.add_argument("--long-only", action="store_true",
+                        help="the long schedule alone (its rows in a session of their own; implies --long)")
     parser.add_argument("--long-epochs", type=int, default=100)
     parser.add_argument("--long-student", type=int, choices=(8, 4), default=8, help="blocks of the long rows")
     parser.add_argument("--precision", default="bf16", help="students' precision (fp32 on CPUs without bf16)")
@@ -211,8 +214,8 @@ def main() -> None:
     args.data = str(Path(args.data).resolve())
     args.artifacts = args.artifacts.resolve()
     args.artifacts.mkdir(parents=True, exist_ok=True)
-    schedules = [Schedule(f"e{args.epochs}", args.epochs, tuple(args.seeds), 8)]
-    if args.long:
+    schedules = [] if args.long_only else [Schedule(f"e{args.epochs}", args.epochs, tuple(args.seeds), 8)]
+    if args.long or args.long_only:
         schedules.append(Schedule(f"long{args.long_epochs}", args.long_epochs, (0,), args.long_student))
     teacher = Path(args.teacher) if args.table_only and args.teacher else (
         args.artifacts / "teacher_s0" / "best.pt" if args.table_only else teacher_checkpoint(args))
