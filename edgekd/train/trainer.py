@@ -302,8 +302,6 @@ class Trainer:
             write_summary(self, "running")
         self.callbacks.on_epoch_end(record)
 
-    # ----- what lands on disk -------------------------------------------------------------------------
-
 
 # ----- entry point --------------------------------------------------------------------------------------
 
