@@ -523,3 +523,14 @@ def test_a_crash_while_adding_photos_leaves_the_store_as_it_was(tmp_path, image_
     clean = teacher_views(cache_root=tmp_path / "clean", **args)
     np.testing.assert_array_equal(whole.params[whole.slots[split.rows]], clean.params[clean.slots[split.rows]])
     np.testing.assert_allclose(whole.all_logits(split.rows), clean.all_logits(split.rows), atol=2e-3)
+
+
+def test_a_long_schedule_over_few_stored_views_is_warned_about():
+    from edgekd.train.teacher import repeats_note
+
+    assert repeats_note(epochs=30, views=8) is None  # 3.75 times each: as good as the live teacher
+    assert repeats_note(epochs=48, views=8) is None  # 6 times: the limit
+    message = repeats_note(epochs=100, views=8)
+    assert "12.5 times" in message and "distill.teacher_views=null" in message
+    assert "at least 17 views" in message  # 100 / 17 < 6
+    assert repeats_note(epochs=100, views=17) is None
