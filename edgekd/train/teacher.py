@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -236,7 +237,7 @@ def repeats_note(epochs: int, views: int) -> str | None:
         return None
     return (f"{epochs} epochs over {views} stored teacher views per photo show each view about {repeats:.1f} "
             f"times, and stored views overfit a long schedule (docs/function-matching.md): let the teacher run "
-            f"live (--set distill.teacher_views=null) or store at least {-(-epochs // MAX_VIEW_REPEATS)} views")
+            f"live (--set distill.teacher_views=null) or store at least {math.ceil(epochs / MAX_VIEW_REPEATS)} views")
 
 
 def resolution_note(teacher_size: int, render_size: int, student_size: int) -> tuple[int, str] | None:
